@@ -1,0 +1,227 @@
+"""The do-operator engine: exact activation patching over any set of sites.
+
+One engine serves every site kind and intervention. A *cell* is a set of (site, value) assignments
+applied together; a sweep over a grid is one cell per site. Many cells share one forward pass as rows
+of a batch (cell-major: rows j*n .. (j+1)*n-1 hold cell j's n examples). On a `TransformerBridge`,
+cells whose earliest site is in block l resume from the unpatched residual at block l: the blocks
+before it are not run at all, and only the last position is unembedded.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechattr.effects import Effects
+from mechattr.interventions import Denoise, Intervention
+from mechattr.sites import Grid, Site, model_shape, validate
+from mechattr.tasks import Task
+
+__all__ = ["patch", "Cell", "Forward", "run_cells", "DEFAULT_MAX_MEMORY"]
+
+DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes of transient activations one patched batch may use
+_MAX_ROWS = 1024  # beyond this, bigger batches stop paying on CPU
+
+Cell = Sequence[tuple[Site, Tensor]]  # assignments applied together; each value is [example, *site]
+
+
+def _is_bridge(model: Any) -> bool:
+    from transformer_lens import TransformerBridge
+
+    return isinstance(model, TransformerBridge)
+
+
+def _expand_rows(value: Any, rows: int) -> Any:
+    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == 1:
+        return value.expand(rows, *value.shape[1:])
+    if isinstance(value, tuple):
+        return tuple(_expand_rows(v, rows) for v in value)
+    return value
+
+
+class Forward:
+    """Forward passes of one token batch, with hooks, returning last-position logits.
+
+    On a `TransformerBridge` it can start at any block: it records the keyword arguments the bridge
+    passes each block (attention mask, rotary embeddings, position ids: architecture-specific, so
+    captured rather than rebuilt) and later calls `blocks[l:]`, `ln_final` and `unembed` itself.
+    Any other model with TransformerLens's hook interface runs full forwards.
+    """
+
+    def __init__(self, model: Any, tokens: Int[Tensor, "n pos"], resumable: bool = True):
+        self.model = model
+        self.tokens = tokens
+        self.resumable = resumable and _is_bridge(model)
+        self.block_kwargs: list[dict[str, Any]] = []
+        if self.resumable:
+            self._capture_block_kwargs()
+
+    def _capture_block_kwargs(self) -> None:
+        captured: dict[int, dict[str, Any]] = {}
+
+        def grab(layer):
+            def hook(module, args, kwargs):
+                # The bridge's KV cache object is per-call state, not an input of the block.
+                captured[layer] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values",
+                                                                               "past_key_value")}
+                if "use_cache" in captured[layer]:
+                    captured[layer]["use_cache"] = False
+            return hook
+
+        handles = [block.register_forward_pre_hook(grab(i), with_kwargs=True)
+                   for i, block in enumerate(self.model.blocks)]
+        try:
+            with torch.no_grad():
+                self.model(self.tokens[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        self.block_kwargs = [captured[i] for i in range(len(self.model.blocks))]
+
+    def cache(self, names: Iterable[str]) -> tuple[Float[Tensor, "n vocab"], dict[str, Tensor]]:
+        """Unpatched run: last-position logits and the activations at hook `names`."""
+        names = set(names)
+        store: dict[str, Tensor] = {}
+
+        def saver(name):
+            # Keyed by the name asked for: the bridge reports aliases (hook_resid_pre fires as hook_in).
+            def save(act, hook):
+                store[name] = act.detach().clone()
+            return save
+
+        with torch.no_grad(), self.model.hooks(fwd_hooks=[(name, saver(name)) for name in sorted(names)]):
+            logits = self.model(self.tokens)
+        missing = names - set(store)
+        if missing:
+            raise ValueError(f"the model has no hook point(s) {sorted(missing)}; check the site kinds")
+        return logits[:, -1].float(), store
+
+    def run(self, copies: int, hooks: list[tuple[str, Callable]], start_layer: int | None = None,
+            resid: Float[Tensor, "n pos d_model"] | None = None) -> Float[Tensor, "rows vocab"]:
+        """`copies` stacked copies of the batch, with `hooks`; from block `start_layer` on when the model
+        allows it, given `resid` (the unpatched input of that block)."""
+        with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
+            if not self.resumable or start_layer is None or resid is None:
+                return self.model(self.tokens.repeat(copies, 1))[:, -1].float()
+            x = resid.repeat(copies, 1, 1)  # (rows, P, d_model), a fresh tensor that hooks may edit
+            rows = x.shape[0]
+            for layer in range(start_layer, len(self.model.blocks)):
+                kwargs = {k: _expand_rows(v, rows) for k, v in self.block_kwargs[layer].items()}
+                out = self.model.blocks[layer](x, **kwargs)
+                x = out[0] if isinstance(out, tuple) else out
+            return self.model.unembed(self.model.ln_final(x[:, -1:]))[:, 0].float()
+
+
+def _resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def _rows_per_batch(model: Any, n_pos: int, max_memory: int) -> int:
+    cfg = model.cfg
+    shape = model_shape(model)
+    # Transient floats per row inside one block, plus the widest (MLP) and attention-score tensors.
+    floats = n_pos * (10 * cfg.d_model + 4 * shape["d_mlp"] + 3 * shape["n_heads"] * n_pos) + cfg.d_vocab
+    return max(1, min(_MAX_ROWS, max_memory // (4 * floats)))
+
+
+def _assign(entries: list[tuple[int, tuple, Tensor]], n: int) -> Callable:
+    """A hook that writes each (cell slot, site index, value) into its rows of the activation."""
+    def hook(act, hook):
+        for slot, index, value in entries:
+            act[(slice(slot * n, (slot + 1) * n),) + index] = value.to(act.dtype)
+        return act
+    return hook
+
+
+def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None = None, *,
+              max_memory: int = DEFAULT_MAX_MEMORY, progress: bool | None = None, desc: str = "patching"
+              ) -> Float[Tensor, "cell example vocab"]:
+    """Last-position logits of the base run under each cell's assignments.
+
+    `resid` maps `blocks.{l}.hook_resid_pre` to the unpatched run's activations [n, pos, d_model]; with
+    it, cells resume at their earliest site's block. Cells are batched by resume layer and chunked so
+    one batch stays within `max_memory` bytes of activations.
+    """
+    n = forward.tokens.shape[0]
+    per_batch = max(1, _rows_per_batch(forward.model, forward.tokens.shape[1], max_memory) // n)
+    by_layer: dict[int | None, list[int]] = {}
+    for i, cell in enumerate(cells):
+        layer = min(site.resume_layer for site, _ in cell) if resid is not None else None
+        if layer is not None and _resid_hook(layer) not in resid:
+            layer = None
+        by_layer.setdefault(layer, []).append(i)
+    batches = [(layer, idx[j:j + per_batch]) for layer, idx in sorted(by_layer.items(), key=lambda kv: kv[0] or 0)
+               for j in range(0, len(idx), per_batch)]
+    out: list[Tensor | None] = [None] * len(cells)
+    for layer, chunk in tqdm(batches, desc=desc, disable=True if progress is False else None,
+                             leave=False, unit="batch"):
+        entries: dict[str, list] = {}
+        for slot, i in enumerate(chunk):
+            for site, value in cells[i]:
+                entries.setdefault(site.hook, []).append((slot, site.index, value))
+        hooks = [(name, _assign(e, n)) for name, e in entries.items()]
+        logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[_resid_hook(layer)])
+        for slot, i in enumerate(chunk):
+            out[i] = logits[slot * n:(slot + 1) * n]
+    return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """Both unpatched runs of a task: metrics, clean reference log-probs, cached activations."""
+
+    base: Forward
+    clean_metric: Tensor
+    corrupt_metric: Tensor
+    reference: Tensor
+    base_cache: dict[str, Tensor]
+    source_cache: dict[str, Tensor]
+
+
+def _unpatched_runs(model: Any, task: Task, base_run: str, site_hooks: set[str], resume_hooks: set[str]) -> _Runs:
+    source_run = "clean" if base_run == "corrupt" else "corrupt"
+    base = Forward(model, task.tokens(base_run))
+    base_logits, base_cache = base.cache(site_hooks | resume_hooks)
+    source_logits, source_cache = Forward(model, task.tokens(source_run), resumable=False).cache(site_hooks)
+    logits = {base_run: base_logits, source_run: source_logits}
+    reference = logits["clean"].log_softmax(-1)
+    metric = task.metric
+    return _Runs(base=base,
+                 clean_metric=metric(logits["clean"], task.answer, task.wrong, reference),
+                 corrupt_metric=metric(logits["corrupt"], task.answer, task.wrong, reference),
+                 reference=reference, base_cache=base_cache, source_cache=source_cache)
+
+
+def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: Intervention = Denoise(), *,
+          max_memory: int = DEFAULT_MAX_MEMORY, resume: bool = True, progress: bool | None = None) -> Effects:
+    """do(site := intervention(base, source)) for every site, one site at a time, measured by the task's
+    metric at the last position. Returns an `Effects` over the grid (a one-axis grid for a list).
+
+    `resume=False` recomputes every layer (a reference path; the results are the same).
+    """
+    grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
+    validate(grid.sites, model, task.n_pos)
+    hook_names = {s.hook for s in grid}
+    resume_hooks = {_resid_hook(s.resume_layer) for s in grid if s.kind != "embed"} if resume else set()
+    runs = _unpatched_runs(model, task, intervention.base_run, hook_names, resume_hooks)
+    cells = []
+    for site in grid:
+        where = (slice(None),) + site.index
+        value = intervention(runs.base_cache[site.hook][where], runs.source_cache[site.hook][where])
+        cells.append([(site, value)])
+    resid = {k: v for k, v in runs.base_cache.items() if k in resume_hooks} if resume else None
+    logits = run_cells(runs.base, cells, resid, max_memory=max_memory, progress=progress,
+                       desc=f"patching {grid.kind}")  # (cells, n, vocab)
+    n = task.n_examples
+    flat = logits.reshape(-1, logits.shape[-1])
+    repeat = lambda t: t.repeat(len(cells), *([1] * (t.dim() - 1)))  # noqa: E731
+    per_example = task.metric(flat, repeat(task.answer), repeat(task.wrong), repeat(runs.reference))
+    per_example = per_example.reshape(*grid.shape, n)
+    return Effects(values=per_example.mean(-1), per_example=per_example, clean=runs.clean_metric,
+                   corrupt=runs.corrupt_metric, grid=grid, base_run=intervention.base_run,
+                   metric=task.metric.name, intervention=intervention.name, method="patch",
+                   str_tokens=task.str_tokens, meta={"task": task.name})

@@ -1,0 +1,78 @@
+"""Built-in tasks: indirect object identification (IOI) and factual recall with counterfactual subjects."""
+
+import random
+from collections import defaultdict
+from typing import Any
+
+from mechattr.tasks import Task, TaskError, from_prompts
+
+__all__ = ["ioi", "facts", "IOI_TEMPLATES", "NAMES", "LANDMARKS"]
+
+# {S} is the second mention of the subject: B in the clean prompt, A in the corrupted one.
+# Same shape so that every template yields prompts of one length under a word-level tokenizer; the
+# builder still checks each prompt's length against the first.
+IOI_TEMPLATES = (
+    "When {A} and {B} went to the {place}, {S} gave a {object} to",
+    "After {A} and {B} went to the {place}, {S} gave a {object} to",
+    "While {A} and {B} were at the {place}, {S} handed a {object} to",
+    "When {A} and {B} arrived at the {place}, {S} passed a {object} to",
+)
+NAMES = ("Mary", "John", "Tom", "James", "Sarah", "Anna", "Paul", "Mark", "Lisa", "Emma", "David", "Kate",
+         "Peter", "Alice", "Jane", "Michael", "Laura", "Daniel", "Rachel", "Susan", "Robert", "Helen",
+         "George", "Amy", "Adam", "Emily", "Jack", "Grace")
+PLACES = ("store", "park", "school", "office", "garden", "kitchen", "station", "beach", "hospital",
+          "restaurant", "market", "library", "church", "house")
+OBJECTS = ("drink", "book", "ring", "bag", "snack", "necklace", "pen", "ball", "letter", "gift", "key", "cup")
+
+LANDMARKS = (
+    ("The Eiffel Tower", "Paris"), ("The Colosseum", "Rome"), ("The Brandenburg Gate", "Berlin"),
+    ("The Space Needle", "Seattle"), ("The Forbidden City", "Beijing"), ("The Parthenon", "Athens"),
+    ("The Sydney Opera House", "Sydney"), ("The Hagia Sophia", "Istanbul"), ("The Kremlin", "Moscow"),
+    ("The Acropolis", "Athens"), ("Tokyo Tower", "Tokyo"), ("The Louvre", "Paris"),
+    ("Buckingham Palace", "London"), ("The Blue Mosque", "Istanbul"), ("The Charles Bridge", "Prague"),
+    ("The Atomium", "Brussels"), ("The CN Tower", "Toronto"), ("Big Ben", "London"), ("The Vatican", "Rome"),
+    ("Red Square", "Moscow"),
+)
+FACT_TEMPLATE = "{subject} is located in the city of"
+
+
+def ioi(model: Any, n: int = 8, seed: int = 0, templates: tuple[str, ...] = IOI_TEMPLATES) -> Task:
+    """IOI: "When Mary and John went to the store, John gave a drink to" -> " Mary" (answer) vs " John".
+
+    The corrupted prompt swaps the second subject mention to the other name ("..., Mary gave a drink
+    to"), which flips the answer, so the clean-minus-corrupted logit difference is large.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.sample(NAMES, 2)
+        slots = {"place": rng.choice(PLACES), "object": rng.choice(OBJECTS)}
+        template = rng.choice(templates)
+        clean = template.format(A=a, B=b, S=b, **slots)
+        corrupt = template.format(A=a, B=b, S=a, **slots)
+        rows.append((clean, corrupt, " " + a, " " + b))
+    clean, corrupt, answer, wrong = map(list, zip(*rows))
+    return from_prompts(model, clean, corrupt, answer, wrong, name="ioi")
+
+
+def facts(model: Any, n: int = 8, seed: int = 0) -> Task:
+    """Factual recall: "The Eiffel Tower is located in the city of" -> " Paris", corrupted by a
+    counterfactual subject of the same token length whose city differs ("The Colosseum ..." -> " Rome").
+
+    Uses the largest group of landmarks whose prompts share one token length under the model's tokenizer.
+    """
+    groups: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for subject, city in LANDMARKS:
+        groups[model.to_tokens(FACT_TEMPLATE.format(subject=subject)).shape[1]].append((subject, city))
+    group = max(groups.values(), key=len)
+    if len({city for _, city in group}) < 2:
+        raise TaskError("facts: no two landmarks with different cities tokenize to the same length")
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        subject, city = group[i % len(group)] if i < len(group) else rng.choice(group)
+        other, other_city = rng.choice([(s, c) for s, c in group if c != city])
+        rows.append((FACT_TEMPLATE.format(subject=subject), FACT_TEMPLATE.format(subject=other),
+                     " " + city, " " + other_city))
+    clean, corrupt, answer, wrong = map(list, zip(*rows))
+    return from_prompts(model, clean, corrupt, answer, wrong, name="facts")
