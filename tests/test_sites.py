@@ -1,0 +1,43 @@
+import pytest
+
+from mechattr.sites import KINDS, Grid, Site, grid
+
+
+def test_sites_are_hashable_values():
+    assert Site("z", 9, head=6) == Site("z", layer=9, head=6)
+    assert len({Site("z", 9, head=6), Site("z", 9, head=6), Site("z", 9, head=5)}) == 2
+    assert str(Site("z", 9, head=6)) == "z[L9 H6]"
+
+
+def test_index_follows_the_kind_table():
+    assert Site("resid_pre", 3, pos=5).index == (5, slice(None))
+    assert Site("z", 3, head=2).index == (slice(None), 2, slice(None))
+    assert Site("z", 3, pos=4, head=2).index == (4, 2, slice(None))
+    assert Site("pattern", 3, pos=4, head=2).index == (2, 4, slice(None))  # [head, query, key]
+    assert Site("neuron", 1, neuron=7).index == (slice(None), 7)
+    assert Site("k", 5, head=1).hook == "blocks.5.attn.hook_k"
+
+
+def test_unknown_kinds_and_axes_are_rejected():
+    with pytest.raises(ValueError, match="unknown site kind 'attn'; valid kinds: embed, resid_pre"):
+        Site("attn", 0)
+    with pytest.raises(ValueError, match="'mlp_out' has no head axis"):
+        Site("mlp_out", 0, head=1)
+
+
+def test_grids(tiny):
+    g = grid(tiny, "resid_pre", 7)
+    assert g.axes == ("layer", "pos") and g.shape == (2, 7) and len(g) == 14
+    assert g.sites[8] == Site("resid_pre", 1, pos=1)  # C order
+    z = grid(tiny, "z")
+    assert z.axes == ("layer", "head") and z.shape == (2, 4)
+    assert grid(tiny, "z", 7, per_position=True).shape == (2, 7, 4)
+    assert grid(tiny, "neuron").shape == (2, 256)
+    assert grid(tiny, "embed", 7).shape == (7,)
+    with pytest.raises(ValueError, match="needs n_pos"):
+        grid(tiny, "resid_pre")
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        grid(tiny, "z", layers=[5])
+    assert Grid.of([Site("z", 0, head=0), Site("mlp_out", 1)]).kind == "mixed"
+    assert set(KINDS) >= {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
+                          "pattern", "neuron"}
