@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechattr.effects import Effects
+from mechattr.forward import Forward
 from mechattr.interventions import Denoise, Intervention
 from mechattr.sites import Grid, Site, model_shape, validate
 from mechattr.tasks import Task
@@ -25,95 +26,9 @@ __all__ = ["patch", "Cell", "Forward", "run_cells", "DEFAULT_MAX_MEMORY"]
 
 DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes of transient activations one patched batch may use
 _MAX_ROWS = 1024  # beyond this, bigger batches stop paying on CPU
+DEFAULT_BATCH_ROWS = 64  # rows per patched batch, see run_cells
 
 Cell = Sequence[tuple[Site, Tensor]]  # assignments applied together; each value is [example, *site]
-
-
-def _is_bridge(model: Any) -> bool:
-    from transformer_lens import TransformerBridge
-
-    return isinstance(model, TransformerBridge)
-
-
-def _expand_rows(value: Any, rows: int) -> Any:
-    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == 1:
-        return value.expand(rows, *value.shape[1:])
-    if isinstance(value, tuple):
-        return tuple(_expand_rows(v, rows) for v in value)
-    return value
-
-
-class Forward:
-    """Forward passes of one token batch, with hooks, returning last-position logits.
-
-    On a `TransformerBridge` it can start at any block: it records the keyword arguments the bridge
-    passes each block (attention mask, rotary embeddings, position ids: architecture-specific, so
-    captured rather than rebuilt) and later calls `blocks[l:]`, `ln_final` and `unembed` itself.
-    Any other model with TransformerLens's hook interface runs full forwards.
-    """
-
-    def __init__(self, model: Any, tokens: Int[Tensor, "n pos"], resumable: bool = True):
-        self.model = model
-        self.tokens = tokens
-        self.resumable = resumable and _is_bridge(model)
-        self.block_kwargs: list[dict[str, Any]] = []
-        if self.resumable:
-            self._capture_block_kwargs()
-
-    def _capture_block_kwargs(self) -> None:
-        captured: dict[int, dict[str, Any]] = {}
-
-        def grab(layer):
-            def hook(module, args, kwargs):
-                # The bridge's KV cache object is per-call state, not an input of the block.
-                captured[layer] = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values",
-                                                                               "past_key_value")}
-                if "use_cache" in captured[layer]:
-                    captured[layer]["use_cache"] = False
-            return hook
-
-        handles = [block.register_forward_pre_hook(grab(i), with_kwargs=True)
-                   for i, block in enumerate(self.model.blocks)]
-        try:
-            with torch.no_grad():
-                self.model(self.tokens[:1])
-        finally:
-            for h in handles:
-                h.remove()
-        self.block_kwargs = [captured[i] for i in range(len(self.model.blocks))]
-
-    def cache(self, names: Iterable[str]) -> tuple[Float[Tensor, "n vocab"], dict[str, Tensor]]:
-        """Unpatched run: last-position logits and the activations at hook `names`."""
-        names = set(names)
-        store: dict[str, Tensor] = {}
-
-        def saver(name):
-            # Keyed by the name asked for: the bridge reports aliases (hook_resid_pre fires as hook_in).
-            def save(act, hook):
-                store[name] = act.detach().clone()
-            return save
-
-        with torch.no_grad(), self.model.hooks(fwd_hooks=[(name, saver(name)) for name in sorted(names)]):
-            logits = self.model(self.tokens)
-        missing = names - set(store)
-        if missing:
-            raise ValueError(f"the model has no hook point(s) {sorted(missing)}; check the site kinds")
-        return logits[:, -1].float(), store
-
-    def run(self, copies: int, hooks: list[tuple[str, Callable]], start_layer: int | None = None,
-            resid: Float[Tensor, "n pos d_model"] | None = None) -> Float[Tensor, "rows vocab"]:
-        """`copies` stacked copies of the batch, with `hooks`; from block `start_layer` on when the model
-        allows it, given `resid` (the unpatched input of that block)."""
-        with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-            if not self.resumable or start_layer is None or resid is None:
-                return self.model(self.tokens.repeat(copies, 1))[:, -1].float()
-            x = resid.repeat(copies, 1, 1)  # (rows, P, d_model), a fresh tensor that hooks may edit
-            rows = x.shape[0]
-            for layer in range(start_layer, len(self.model.blocks)):
-                kwargs = {k: _expand_rows(v, rows) for k, v in self.block_kwargs[layer].items()}
-                out = self.model.blocks[layer](x, **kwargs)
-                x = out[0] if isinstance(out, tuple) else out
-            return self.model.unembed(self.model.ln_final(x[:, -1:]))[:, 0].float()
 
 
 def _resid_hook(layer: int) -> str:
@@ -137,34 +52,50 @@ def _assign(entries: list[tuple[int, tuple, Tensor]], n: int) -> Callable:
     return hook
 
 
-def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None = None, *,
-              max_memory: int = DEFAULT_MAX_MEMORY, progress: bool | None = None, desc: str = "patching"
-              ) -> Float[Tensor, "cell example vocab"]:
-    """Last-position logits of the base run under each cell's assignments.
-
-    `resid` maps `blocks.{l}.hook_resid_pre` to the unpatched run's activations [n, pos, d_model]; with
-    it, cells resume at their earliest site's block. Cells are batched by resume layer and chunked so
-    one batch stays within `max_memory` bytes of activations.
-    """
-    n = forward.tokens.shape[0]
-    per_batch = max(1, _rows_per_batch(forward.model, forward.tokens.shape[1], max_memory) // n)
-    by_layer: dict[int | None, list[int]] = {}
+def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None, per_batch: int
+             ) -> list[tuple[int | None, int, list[int]]]:
+    """(resume layer, start position, cell ids) per batch. Cells are grouped by the block they resume at
+    and sorted by their first position; a batch starts at its earliest cell's position."""
+    keyed = []
     for i, cell in enumerate(cells):
         layer = min(site.resume_layer for site, _ in cell) if resid is not None else None
         if layer is not None and _resid_hook(layer) not in resid:
             layer = None
-        by_layer.setdefault(layer, []).append(i)
-    batches = [(layer, idx[j:j + per_batch]) for layer, idx in sorted(by_layer.items(), key=lambda kv: kv[0] or 0)
-               for j in range(0, len(idx), per_batch)]
+        start = min(site.first_pos for site, _ in cell) if layer is not None and forward.reuses_prefix else 0
+        keyed.append((-1 if layer is None else layer, start, i))
+    keyed.sort()
+    batches = []
+    for layer, start, i in keyed:
+        if batches and batches[-1][0] == layer and len(batches[-1][2]) < per_batch:
+            batches[-1][2].append(i)
+        else:
+            batches.append((layer, start, [i]))
+    return [(None if layer == -1 else layer, start, ids) for layer, start, ids in batches]
+
+
+def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None = None, *,
+              max_memory: int = DEFAULT_MAX_MEMORY, batch_rows: int = DEFAULT_BATCH_ROWS,
+              progress: bool | None = None, desc: str = "patching") -> Float[Tensor, "cell example vocab"]:
+    """Last-position logits of the base run under each cell's assignments.
+
+    `resid` maps `blocks.{l}.hook_resid_pre` to the unpatched run's activations [n, pos, d_model]; with
+    it, cells resume at their earliest site's block and, where the model allows, their earliest
+    position. Batches hold about `batch_rows` rows (fewer rows start later on average; more rows run
+    faster per row) and stay within `max_memory` bytes of activations.
+    """
+    n = forward.tokens.shape[0]
+    memory_cells = _rows_per_batch(forward.model, forward.tokens.shape[1], max_memory) // n
+    per_batch = max(1, min(memory_cells, -(-batch_rows // n)))
     out: list[Tensor | None] = [None] * len(cells)
-    for layer, chunk in tqdm(batches, desc=desc, disable=True if progress is False else None,
-                             leave=False, unit="batch"):
+    for layer, start, chunk in tqdm(_batches(forward, cells, resid, per_batch), desc=desc, leave=False,
+                                    disable=True if progress is False else None, unit="batch"):
         entries: dict[str, list] = {}
         for slot, i in enumerate(chunk):
             for site, value in cells[i]:
-                entries.setdefault(site.hook, []).append((slot, site.index, value))
+                # A site's position is never before its batch's start (batches start at their earliest cell).
+                entries.setdefault(site.hook, []).append((slot, site.index_from(start), value))
         hooks = [(name, _assign(e, n)) for name, e in entries.items()]
-        logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[_resid_hook(layer)])
+        logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[_resid_hook(layer)], start)
         for slot, i in enumerate(chunk):
             out[i] = logits[slot * n:(slot + 1) * n]
     return torch.stack(out)

@@ -35,7 +35,7 @@ CMAP = colormaps["RdBu_r"].with_extremes(bad="0.85")  # red = positive; NaN cell
 # greyscale print too. With linewidth 0 the hatch takes the edge colour and no outline is drawn.
 FADE = {"facecolor": (1.0, 1.0, 1.0, 0.6), "edgecolor": "0.6", "hatch": "//", "linewidth": 0.0}
 OVERLAY_GID = "not-significant"  # gid of the artist covering non-significant cells
-MAX_TOKEN_CHARS = 14
+MAX_TOKEN_CHARS = 14  # longer tokens are cut with an ellipsis in tick labels
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def _values(effects: Effects, value: str) -> tuple[np.ndarray, str]:
             return effects.normalized.detach().cpu().numpy(), f"normalized {metric} effect"
         except ValueError:
             warnings.warn(f"{effects.kind}: clean and corrupted {metric} are equal, so the normalized effect "
-                          "is undefined; showing the unnormalized effect instead", stacklevel=3)
+                          "is undefined; showing the unnormalized effect instead", stacklevel=4)
             value = "effect"
     if value == "effect":
         return effects.effect.detach().cpu().numpy(), f"{metric} effect (patched − {effects.base_run} run)"
@@ -95,7 +95,7 @@ def _matrix(effects: Effects, value: str, alpha: float | None) -> _Matrix:
     axes, shape = effects.axes, effects.grid.shape
     if len(axes) > 3 or (len(axes) == 3 and axes[0] != "layer"):
         raise ValueError(f"cannot lay out a {effects.kind} grid with axes {axes}; at most layer x two more axes")
-    has_layer = axes[0] == "layer"
+    has_layer = bool(axes) and axes[0] == "layer"
     n_rows = shape[0] if has_layer else 1
     col_axes = axes[1:] if has_layer else axes
     sites = effects.sites
@@ -107,8 +107,11 @@ def _matrix(effects: Effects, value: str, alpha: float | None) -> _Matrix:
     # Column labels come from the sites of the first row, so grids over a subset of layers, positions
     # or heads are labelled with the real indices.
     group = shape[-1] if len(col_axes) == 2 else 1
-    first_axis_values = [getattr(sites[c], col_axes[0], None) for c in range(0, n_cols, group)]
-    col_labels, col_title = _axis_labels(effects, col_axes[0], first_axis_values)
+    if col_axes:
+        first_axis_values = [getattr(sites[c], col_axes[0], None) for c in range(0, n_cols, group)]
+        col_labels, col_title = _axis_labels(effects, col_axes[0], first_axis_values)
+    else:  # e.g. a layer-only grid, each site covering every position: one column
+        col_labels, col_title = [""], ""
     if len(col_axes) == 2:
         col_title = f"{col_title} (each split into {group} {col_axes[1]}s)"
     significant = None
@@ -144,13 +147,19 @@ def _rotated(m: _Matrix) -> bool:
 def _ticks(ax: Axes, m: _Matrix) -> None:
     n_rows, n_cols = m.data.shape
     step = max(1, int(np.ceil(n_rows / 32)))  # keep row labels legible on deep models
-    ax.set_yticks(range(0, n_rows, step), m.row_labels[::step])
-    ax.set_ylabel(m.row_title)
+    if m.row_title:
+        ax.set_yticks(range(0, n_rows, step), m.row_labels[::step])
+        ax.set_ylabel(m.row_title)
+    else:
+        ax.set_yticks([])
     n_groups = n_cols // m.group
-    centres = np.arange(n_groups) * m.group + (m.group - 1) / 2
-    step = max(1, int(np.ceil(n_groups / 48)))
-    ax.set_xticks(centres[::step], m.col_labels[::step])
-    ax.set_xlabel(m.col_title)
+    if m.col_title:
+        centres = np.arange(n_groups) * m.group + (m.group - 1) / 2
+        step = max(1, int(np.ceil(n_groups / 48)))
+        ax.set_xticks(centres[::step], m.col_labels[::step])
+        ax.set_xlabel(m.col_title)
+    else:
+        ax.set_xticks([])
     if _rotated(m):
         ax.tick_params(axis="x", labelrotation=55)
         for label in ax.get_xticklabels():
@@ -175,7 +184,7 @@ def _draw(ax: Axes, m: _Matrix, vmax: float | None) -> AxesImage:
     image = ax.imshow(m.data, cmap=CMAP, norm=Normalize(-vmax, vmax), aspect="auto", interpolation="nearest")
     image.set_gid("effects")
     if m.significant is not None:
-        path = _overlay_path(m.significant)
+        path = _overlay_path(~m.significant)
         if path is not None:
             ax.add_patch(PathPatch(path, **FADE, gid=OVERLAY_GID))
     _ticks(ax, m)
@@ -198,11 +207,18 @@ def _figsize(m: _Matrix) -> tuple[float, float]:
     return width, height
 
 
-def _default_title(effects: Effects) -> str:
+def _describe(effects: Effects) -> tuple[str, str]:
+    """('denoise patch', '(ioi, n=8; clean 2.61, corrupt −4.97)'): what was done, then to what and the baselines."""
     task = effects.meta.get("task")
     about = f"{task}, " if task else ""
-    return (f"{effects.kind}: {effects.intervention} {effects.method} ({about}n={effects.n_examples}; "
-            f"clean {effects.clean_metric:.2f}, corrupt {effects.corrupt_metric:.2f})")
+    baselines = f"clean {effects.clean_metric:.2f}, corrupt {effects.corrupt_metric:.2f}".replace("-", "−")
+    return f"{effects.intervention} {effects.method}", f"({about}n={effects.n_examples}; {baselines})"
+
+
+def _colorbar(fig: Figure, image: AxesImage, ax: Axes | list[Axes], label: str) -> None:
+    bar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
+    bar.set_label(label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
 
 
 def heatmap(effects: Effects, value: str = "normalized", ax: Axes | None = None, title: str | None = None,
@@ -218,8 +234,14 @@ def heatmap(effects: Effects, value: str = "normalized", ax: Axes | None = None,
     if ax is None:
         _, ax = plt.subplots(figsize=_figsize(m), layout="constrained")
     image = _draw(ax, m, vmax)
-    ax.figure.colorbar(image, ax=ax, label=m.label, shrink=0.9, pad=0.02)
-    ax.set_title(_default_title(effects) if title is None else title, fontsize=11, pad=20)
+    _colorbar(ax.figure, image, ax, m.label)
+    if title is None:
+        what, details = _describe(effects)
+        # About 11 characters of 11 pt text fit per inch: on a narrow figure the details take a second line.
+        width = ax.figure.bbox.width / ax.figure.dpi  # inches, also on a subfigure
+        fits = len(effects.kind) + len(what) + len(details) + 3 <= width * 11
+        title = f"{effects.kind}: {what}" + (" " if fits else "\n") + details
+    ax.set_title(title, fontsize=11, pad=20)
     if m.significant is not None and not m.significant.all():
         ax.legend(handles=[_not_significant_note(alpha)], loc="lower right", bbox_to_anchor=(1.0, 1.0),
                   frameon=False, fontsize=8, borderaxespad=0.2, handlelength=2.4, handleheight=1.2)
@@ -239,11 +261,13 @@ def grids(effects_list: list[Effects], value: str = "normalized", ncols: int | N
     ncols = min(len(matrices), 3) if ncols is None else ncols
     if ncols < 1:
         raise ValueError(f"ncols must be at least 1, got {ncols}")
+    ncols = min(ncols, len(matrices))
     nrows = -(-len(matrices) // ncols)
-    sizes = np.array([_figsize(m) for m in matrices])
-    width, height = sizes[:, 0].max() * ncols, sizes[:, 1].max() * nrows
-    fig, axes = plt.subplots(nrows, ncols, figsize=(min(width, 24.0), min(height, 24.0)), layout="constrained",
-                             squeeze=False)
+    sizes = np.array([_figsize(m) for m in matrices] + [(0.0, 0.0)] * (nrows * ncols - len(matrices)))
+    widths = sizes[:, 0].reshape(nrows, ncols).max(0)  # each column as wide as its widest panel
+    heights = sizes[:, 1].reshape(nrows, ncols).max(1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(min(widths.sum(), 24.0), min(heights.sum(), 24.0)),
+                             layout="constrained", squeeze=False, width_ratios=widths, height_ratios=heights)
     shared = len({m.label for m in matrices}) == 1
     vmax = _abs_max(matrices) if shared else None
     used = list(axes.flat[: len(matrices)])
@@ -251,18 +275,15 @@ def grids(effects_list: list[Effects], value: str = "normalized", ncols: int | N
         image = _draw(ax, m, vmax)
         ax.set_title(e.kind, fontsize=11)
         if not shared:
-            fig.colorbar(image, ax=ax, label=m.label, shrink=0.9, pad=0.02)
+            _colorbar(fig, image, ax, m.label)
     if shared:
-        fig.colorbar(image, ax=used, label=matrices[0].label, shrink=0.9, pad=0.02)
+        _colorbar(fig, image, used, matrices[0].label)
     for ax in axes.flat[len(matrices):]:
         ax.remove()
     if any(m.significant is not None and not m.significant.all() for m in matrices):
         fig.legend(handles=[_not_significant_note(alpha)], loc="outside upper right", frameon=False, fontsize=8,
                    handlelength=2.4, handleheight=1.2)
-    first = effects_list[0]
-    task = first.meta.get("task")
-    default = f"{first.intervention} {first.method}" + (f" ({task}, n={first.n_examples})" if task else "")
-    fig.suptitle(default if title is None else title, fontsize=12)
+    fig.suptitle(" ".join(_describe(effects_list[0])) if title is None else title, fontsize=12)
     return fig
 
 

@@ -69,8 +69,19 @@ class Site:
     @property
     def index(self) -> tuple:
         """Index into the activation with its batch axis removed."""
+        return self.index_from(0)
+
+    def index_from(self, start: int) -> tuple:
+        """Index into an activation that holds only positions `start`.. (a run that reuses the prefix)."""
         dims = KINDS[self.kind].dims
-        return tuple(slice(None) if d is None or getattr(self, d) is None else getattr(self, d) for d in dims)
+        offsets = {"pos": start}
+        return tuple(slice(None) if d is None or getattr(self, d) is None else getattr(self, d) - offsets.get(d, 0)
+                     for d in dims)
+
+    @property
+    def first_pos(self) -> int:
+        """The earliest position whose activations the site can change (causal attention)."""
+        return 0 if self.pos is None else self.pos
 
     @property
     def resume_layer(self) -> int:

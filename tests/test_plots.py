@@ -254,3 +254,13 @@ def test_save_rejects_unknown_suffix(tmp_path, resid):
     with pytest.raises(ValueError, match=r"'\.jpeg' is not one of \.png, \.svg, \.pdf"):
         plots.save(fig, tmp_path / "new" / "fig.jpeg")
     assert not (tmp_path / "new").exists()
+
+
+def test_grids_without_position_or_head_axes(tiny):
+    g = mechattr.grid(tiny, "resid_pre", per_position=False)  # (layer,): each site covers every position
+    assert g.axes == ("layer",)
+    ax = plots.heatmap(make_effects(g, torch.tensor([2.0, -2.0]), torch.full(g.shape, 0.01)))
+    np.testing.assert_allclose(np.asarray(image_of(ax).get_array()), [[1.0], [-1.0]], atol=1e-6)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1"] and len(ax.get_xticks()) == 0
+    top, bottom = pixels(ax, (0, 0), (0, 1))
+    assert reddish(top) and bluish(bottom)  # layer 0 is the top row
