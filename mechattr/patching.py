@@ -22,7 +22,7 @@ from mechattr.interventions import Denoise, Intervention
 from mechattr.sites import Grid, Site, model_shape, validate
 from mechattr.tasks import Task
 
-__all__ = ["patch", "Cell", "Forward", "run_cells", "DEFAULT_MAX_MEMORY"]
+__all__ = ["patch", "Cell", "Forward", "run_cells", "metric_readout", "DEFAULT_MAX_MEMORY"]
 
 DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes of transient activations one patched batch may use
 _MAX_ROWS = 1024  # beyond this, bigger batches stop paying on CPU
@@ -73,10 +73,23 @@ def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] |
     return [(None if layer == -1 else layer, start, ids) for layer, start, ids in batches]
 
 
-def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None = None, *,
-              max_memory: int = DEFAULT_MAX_MEMORY, batch_rows: int = DEFAULT_BATCH_ROWS,
-              progress: bool | None = None, desc: str = "patching") -> Float[Tensor, "cell example vocab"]:
-    """Last-position logits of the base run under each cell's assignments.
+def metric_readout(task: Task, reference: Float[Tensor, "n vocab"]) -> Callable[[Tensor], Tensor]:
+    """Turns last-position logits of stacked copies of the task, [copies * n, vocab], into the task
+    metric per row, [copies * n]."""
+    def readout(logits):
+        copies = logits.shape[0] // task.n_examples
+        rep = lambda t: t.repeat(copies, *([1] * (t.dim() - 1)))  # noqa: E731
+        return task.metric(logits, rep(task.answer), rep(task.wrong), rep(reference))
+    return readout
+
+
+def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None = None,
+              readout: Callable[[Tensor], Tensor] | None = None, *, max_memory: int = DEFAULT_MAX_MEMORY,
+              batch_rows: int = DEFAULT_BATCH_ROWS, progress: bool | None = None, desc: str = "patching"
+              ) -> Float[Tensor, "cell example *out"]:
+    """Last-position logits of the base run under each cell's assignments, [cell, example, vocab], or
+    `readout(logits)` of them (e.g. `metric_readout`: [cell, example]), applied batch by batch so the
+    logits of a large sweep are never all held at once.
 
     `resid` maps `blocks.{l}.hook_resid_pre` to the unpatched run's activations [n, pos, d_model]; with
     it, cells resume at their earliest site's block and, where the model allows, their earliest
@@ -96,8 +109,9 @@ def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] 
                 entries.setdefault(site.hook, []).append((slot, site.index_from(start), value))
         hooks = [(name, _assign(e, n)) for name, e in entries.items()]
         logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[_resid_hook(layer)], start)
+        values = logits if readout is None else readout(logits)
         for slot, i in enumerate(chunk):
-            out[i] = logits[slot * n:(slot + 1) * n]
+            out[i] = values[slot * n:(slot + 1) * n]
     return torch.stack(out)
 
 
@@ -145,13 +159,9 @@ def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: In
         value = intervention(runs.base_cache[site.hook][where], runs.source_cache[site.hook][where])
         cells.append([(site, value)])
     resid = {k: v for k, v in runs.base_cache.items() if k in resume_hooks} if resume else None
-    logits = run_cells(runs.base, cells, resid, max_memory=max_memory, progress=progress,
-                       desc=f"patching {grid.kind}")  # (cells, n, vocab)
-    n = task.n_examples
-    flat = logits.reshape(-1, logits.shape[-1])
-    repeat = lambda t: t.repeat(len(cells), *([1] * (t.dim() - 1)))  # noqa: E731
-    per_example = task.metric(flat, repeat(task.answer), repeat(task.wrong), repeat(runs.reference))
-    per_example = per_example.reshape(*grid.shape, n)
+    per_example = run_cells(runs.base, cells, resid, metric_readout(task, runs.reference), max_memory=max_memory,
+                            progress=progress, desc=f"patching {grid.kind}")  # (cells, n)
+    per_example = per_example.reshape(*grid.shape, task.n_examples)
     return Effects(values=per_example.mean(-1), per_example=per_example, clean=runs.clean_metric,
                    corrupt=runs.corrupt_metric, grid=grid, base_run=intervention.base_run,
                    metric=task.metric.name, intervention=intervention.name, method="patch",
