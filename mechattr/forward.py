@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["Forward"]
+__all__ = ["Forward", "attention_reads_cache"]
 
 _CACHE_KWARGS = ("cache", "past_key_values")
 
@@ -50,7 +50,7 @@ def _fit(value: Any, rows: int, start: int, name: str) -> Any:
 
 
 @contextmanager
-def _attention_reads_cache(model: Any):
+def attention_reads_cache(model: Any):
     """TL 4.3's attention looks for `past_key_values` but transformers 5 decoder layers pass the cache as
     `cache`; alias it for the duration so prefilled keys and values are used."""
     def alias(module, args, kwargs):
@@ -106,7 +106,7 @@ class Forward:
         handles = [block.register_forward_pre_hook(grab(i), with_kwargs=True) for i, block in enumerate(blocks)]
         try:
             with torch.no_grad(), self.model.hooks(fwd_hooks=[(name, saver(name)) for name in sorted(names)]), \
-                    (_attention_reads_cache(self.model) if self.resumable else nullcontext()):
+                    (attention_reads_cache(self.model) if self.resumable else nullcontext()):
                 logits = self.model(self.tokens)
         finally:
             for h in handles:
@@ -143,7 +143,7 @@ class Forward:
             x = resid[:, start_pos:].repeat(copies, 1, 1)  # (rows, P - start, d_model), fresh: hooks may edit
             rows = x.shape[0]
             cache = self._prefix_cache(copies, start_layer, start_pos) if self.keys_values else None
-            with _attention_reads_cache(self.model):
+            with attention_reads_cache(self.model):
                 for layer in range(start_layer, len(self.model.blocks)):
                     kwargs = {k: _fit(v, rows, start_pos, k) for k, v in self.block_kwargs[layer].items()}
                     if cache is not None:

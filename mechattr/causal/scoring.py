@@ -18,13 +18,14 @@ A text model is any `predict(prompt) -> str`. Its answer is parsed by `parse_edg
 
 import copy
 import re
-from contextlib import contextmanager
 from typing import Any, Sequence
 
 import networkx as nx
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from mechattr.forward import attention_reads_cache
 
 __all__ = ["YES", "NO", "score_questions", "parse_edges", "select"]
 
@@ -36,23 +37,6 @@ def _token_id(model: Any, text: str) -> int:
     if len(ids) != 1:
         raise ValueError(f"answer {text!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
     return int(ids[0])
-
-
-@contextmanager
-def _attention_reads_cache(model: Any):
-    """Transformers 5 passes the KV cache to attention layers as `cache=`; TransformerLens 4.3's attention
-    bridges read `past_key_values=`, so without this the cache is never filled. Pass it under both names."""
-    def forward_cache(module, args, kwargs):
-        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
-            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
-        return args, kwargs
-
-    handles = [block.attn.register_forward_pre_hook(forward_cache, with_kwargs=True) for block in model.blocks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _extend(model: Any, cache: Any, tokens: Tensor) -> Any:
@@ -94,7 +78,7 @@ def score_questions(model: Any, context: str, questions: Sequence[tuple[str, str
     by_stem: dict[str, list[int]] = {}
     for i, (stem, _) in enumerate(questions):
         by_stem.setdefault(stem, []).append(i)
-    with torch.no_grad(), _attention_reads_cache(model):
+    with torch.no_grad(), attention_reads_cache(model):
         _, cache = model(ctx, return_type="logits_and_cache", logits_to_keep=1)
         if cache is None or cache.get_seq_length() != ctx.shape[1]:
             cache = None  # the model keeps no usable cache: every question reruns its whole prompt
