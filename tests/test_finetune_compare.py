@@ -56,13 +56,12 @@ def test_methods_pick_what_they_promise(effects):
 
 
 def test_compare_runs_every_method_and_renders(effects, tmp_path):
-    methods = [TopSites(effects, k=2), RandomSites(effects), BottomSites(effects, k=2),
-               LoRA(targets=("q", "v")), Full(lr=1e-3)]
+    methods = [TopSites(effects, k=2), RandomSites(effects), LoRA(targets=("q", "v")), Full(lr=1e-3)]
     text = Text(torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(9)), name="noise")
     table = compare(mechattr.native_model, random_task(0), random_task(1), methods,
                     TrainConfig(steps=3, lr=1e-2, batch_size=6), seeds=(0, 1), other_task=random_task(2),
                     text=text, progress=False)
-    assert [r["method"] for r in table.rows] == ["precision", "random", "bottom-k", "lora", "full"] * 2
+    assert [r["method"] for r in table.rows] == ["precision", "random", "lora", "full"] * 2
     full_count = sum(p.numel() for p in mechattr.native_model().parameters())
     rows = {r["method"]: r for r in table.rows if r["seed"] == 0}
     assert rows["full"]["n_trained"] == full_count
@@ -74,9 +73,9 @@ def test_compare_runs_every_method_and_renders(effects, tmp_path):
     summary = {s["method"]: s for s in table.summary()}
     assert summary["precision"]["seeds"] == 2
     markdown = table.to_markdown()
-    assert markdown.count("\n") == 2 + 1 + 5 - 1 and "| base model |" in markdown and "| lora |" in markdown
+    assert markdown.count("\n") == 2 + 1 + 4 - 1 and "| base model |" in markdown and "| lora |" in markdown
     saved = json.loads((table.save(tmp_path) / "comparison.json").read_text())
-    assert len(saved["rows"]) == 10 and saved["meta"]["reference"] == "precision"
+    assert len(saved["rows"]) == 8 and saved["meta"]["reference"] == "precision"
 
 
 @pytest.mark.slow

@@ -171,3 +171,23 @@ def test_gqa_key_value_groups_on_smollm2(smollm2):
     assert keys[1] > 1e-3 and keys[0] == 0 and keys[2] == 0
     pattern = (after[hooks[1]] - before[hooks[1]]).abs().amax(dim=(0, 2, 3))
     assert (pattern[3:6] > 1e-6).all() and pattern[:3].max() == 0 and pattern[6:].max() == 0
+
+
+@pytest.mark.slow
+def test_training_a_gqa_group_on_smollm2_leaves_everything_else_bit_identical(smollm2):
+    from mechattr.finetune import TrainConfig, train
+
+    model = mechattr.load_model("smollm2-135m")  # a copy: the session fixture stays untrained
+    sites = [Site("z", 5, head=3), Site("z", 5, head=5)]
+    mask_set = masks(model, sites)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task = mechattr.tasks.ioi(smollm2, n=4, seed=1)
+    train(model, mask_set, task, TrainConfig(steps=2, batch_size=4, lr=1e-3, weight_decay=0.1), progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(mask_set)
+    for name, mask in mask_set.items():
+        after = dict(model.named_parameters())[name]
+        assert torch.equal(after[~mask], before[name][~mask]), name
+    k = "model.layers.5._original_component.self_attn._original_component.k_proj._original_component.weight"
+    moved_rows = (dict(model.named_parameters())[k] != before[k]).any(-1).nonzero().flatten()
+    assert moved_rows.min() >= 64 and moved_rows.max() < 128  # group 1 only

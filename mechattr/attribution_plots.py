@@ -1,0 +1,94 @@
+"""Plots for attribution and circuits (matplotlib only): a circuit as a layered graph, the faithfulness
+curve, and attribution estimates against exact patching."""
+
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from mechattr.attribution import Verification
+from mechattr.circuits import Circuit
+from mechattr.sites import Site
+
+__all__ = ["plot_circuit", "plot_faithfulness", "plot_estimate_vs_exact"]
+
+_COLORS = {"q": "tab:blue", "k": "tab:green", "v": "tab:orange", "mlp_out": "tab:purple", "resid_post": "tab:gray"}
+
+
+def _component(site: Site) -> tuple[str, int, int | None]:
+    """The drawn node of a site: heads by (layer, head); q/k/v inputs are drawn at their head's node
+    (on GQA models k/v index key/value heads and are drawn at that index)."""
+    if site.kind == "embed":
+        return "embed", -1, None
+    if site.kind in ("z", "q", "k", "v"):
+        return "head", site.layer, site.head
+    if site.kind == "resid_post":
+        return "logits", site.layer + 1, None
+    return "mlp", site.layer, None
+
+
+def _position(component: tuple[str, int, int | None], n_heads: int) -> tuple[float, float]:
+    """Layered layout: x by layer (heads, then the MLP a half step later), y by head."""
+    kind, layer, head = component
+    if kind == "head":
+        return float(layer), float(head)
+    if kind == "mlp":
+        return layer + 0.5, n_heads / 2 - 0.5
+    return float(layer), n_heads / 2 - 0.5
+
+
+def plot_circuit(circuit: Circuit, ax: Any = None) -> Any:
+    """The circuit's nodes laid out by layer (x) and head (y); edge circuits draw their edges coloured by
+    the receiver's input (q, k, v, MLP, logits). The model's shape comes from `circuit.meta`."""
+    ax = ax or plt.subplots(figsize=(10, 5))[1]
+    components = list(dict.fromkeys(_component(s) for s in circuit.nodes))
+    n_heads = circuit.meta.get("n_heads") or 1 + max([c[2] for c in components if c[2] is not None], default=0)
+    n_layers = circuit.meta.get("n_layers") or 1 + max([c[1] for c in components], default=0)
+    for sender, receiver in ((e.sender, e.receiver) for e in circuit.edges):
+        (x0, y0), (x1, y1) = _position(_component(sender), n_heads), _position(_component(receiver), n_heads)
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "-|>", "alpha": 0.6, "shrinkA": 8,
+                                                        "shrinkB": 8, "color": _COLORS.get(receiver.kind, "black")})
+    for c in components:
+        x, y = _position(c, n_heads)
+        label = {"head": f"{c[1]}.{c[2]}", "mlp": f"MLP{c[1]}", "embed": "embed", "logits": "logits"}[c[0]]
+        ax.scatter([x], [y], s=300, color="tab:red" if c[0] == "head" else "lightgray", edgecolor="black", zorder=3)
+        ax.annotate(label, (x, y), ha="center", va="center", fontsize=7, zorder=4)
+    ax.set_xticks(range(-1, n_layers + 1), ["embed", *map(str, range(n_layers)), "logits"], fontsize=7)
+    ax.set_yticks(range(n_heads))
+    ax.set_xlim(-1.5, n_layers + 0.5)
+    ax.set_ylim(-0.5, n_heads - 0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("head")
+    ax.set_title(f"{circuit.level} circuit: {circuit.size} {circuit.level}s, faithfulness {circuit.faithfulness:.2f}")
+    return ax
+
+
+def plot_faithfulness(circuit: Circuit, ax: Any = None) -> Any:
+    """Faithfulness of the top-n components by attribution against the fraction kept (log x), with the AUC."""
+    ax = ax or plt.subplots(figsize=(6, 4))[1]
+    total = len(circuit.ranking)
+    x = [max(n, 0.5) / total for n in circuit.sizes]  # n = 0 drawn at half a component on the log axis
+    ax.plot(x, circuit.curve, marker="o")
+    ax.axhline(1.0, color="gray", linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"fraction of {circuit.level}s kept (of {total})")
+    ax.set_ylabel("faithfulness (fraction of gap recovered)")
+    ax.set_title(f"faithfulness curve ({circuit.meta.get('method', '')}), AUC {circuit.auc:.3f}")
+    return ax
+
+
+def plot_estimate_vs_exact(verification: Verification, ax: Any = None) -> Any:
+    """Estimated against exact effects of the checked sites (top ones and the random sample), with the
+    identity line."""
+    ax = ax or plt.subplots(figsize=(5, 5))[1]
+    est, exact = verification.estimated_effect, verification.exact.effect
+    n_top = verification.n_top
+    ax.scatter(exact[:n_top], est[:n_top], label=f"top {n_top}", color="tab:red")
+    ax.scatter(exact[n_top:], est[n_top:], label="random sample", color="tab:blue", alpha=0.7)
+    lo = float(min(est.min(), exact.min()))
+    hi = float(max(est.max(), exact.max()))
+    ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", label="identity")
+    ax.set_xlabel("exact effect (patching)")
+    ax.set_ylabel(f"estimated effect ({verification.estimate.method})")
+    ax.set_title(f"Spearman {verification.spearman:.2f}")
+    ax.legend()
+    return ax

@@ -1,0 +1,163 @@
+"""Deltas: the trained entries of a fine-tuned model, saved as indices and values.
+
+Coordinates: a delta holds (trained - base) for entries of the parameters of `mechattr.load_model(
+base_model)`, a TransformerBridge in compatibility mode. Compatibility mode folds LayerNorm into the
+weights and centres the unembedding in place, so those weights differ from the original checkpoint's
+and a delta applies only to a model loaded the same way. `apply` checks this: each delta carries the
+base values of a few of its entries ("probes") and refuses a model whose values there differ.
+
+The trainer writes base + delta into the weights, so applying a saved delta (scale 1) to a fresh copy
+of the base model reproduces the trained weights bit for bit.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mechattr.selection import SiteSet
+
+__all__ = ["Delta", "merge", "COMPAT"]
+
+COMPAT = "transformer_bridge_compat"  # weights as `mechattr.load_model` returns them (compatibility mode)
+_FORMAT = "mechattr.delta/1"
+_N_PROBES = 8
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """Trained-minus-base values of some entries of some parameters (flat, C order)."""
+
+    values: dict[str, Tensor]  # per parameter: the delta of each trained entry
+    indices: dict[str, Tensor | None]  # per parameter: flat indices of the entries; None = all, in order
+    shapes: dict[str, tuple[int, ...]]  # per parameter: its shape
+    probes: dict[str, tuple[Tensor, Tensor]]  # per parameter: (flat index, base value) of a few entries
+    sites: SiteSet = field(default_factory=SiteSet)  # the sites that chose the entries
+    base_model: str = ""  # name to pass to mechattr.load_model for the base weights
+    coordinates: str = COMPAT  # which weights the delta is relative to
+
+    @property
+    def n_trained(self) -> int:
+        return sum(v.numel() for v in self.values.values())
+
+    def apply(self, model: Any, scale: float = 1.0, check: bool = True) -> Any:
+        """Add `scale` x delta to `model`'s weights in place and return it. With `check`, first verify
+        that the model's base values at the probe entries are the ones the delta was trained from."""
+        params = dict(model.named_parameters())
+        for name in self.values:
+            if name not in params:
+                raise KeyError(f"delta parameter {name!r} is not in the model (a different architecture?); "
+                               f"the model's first parameters: {list(params)[:3]}")
+            if tuple(params[name].shape) != self.shapes[name]:
+                raise ValueError(f"delta parameter {name!r} has shape {self.shapes[name]} but the model's is "
+                                 f"{tuple(params[name].shape)}")
+        if check:
+            self._check_probes(params)
+        with torch.no_grad():
+            for name, values in self.values.items():
+                flat = params[name].data.view(-1)
+                values = values.to(flat.device)
+                index = self.indices[name]
+                if index is None:
+                    flat.copy_(flat + scale * values)
+                else:
+                    index = index.to(flat.device)
+                    flat.index_copy_(0, index, flat[index] + scale * values)
+        return model
+
+    def _check_probes(self, params: dict[str, Tensor]) -> None:
+        for name, (index, expected) in self.probes.items():
+            actual = params[name].detach().view(-1)[index.to(params[name].device)].cpu()
+            if not torch.equal(actual, expected):
+                raise ValueError(
+                    f"delta for {self.base_model!r} ({self.coordinates}) does not fit this model: parameter "
+                    f"{name!r} holds {actual.tolist()} at the probed entries, the delta was trained from "
+                    f"{expected.tolist()}. Apply it to mechattr.load_model({self.base_model!r}) (compatibility-"
+                    "mode weights, not the original checkpoint) before any other change, or pass check=False.")
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: `<param>::values`, `<param>::indices` (sparse ones), probes; the
+        header (base model, coordinates, shapes, sites) in the file's metadata."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, values in self.values.items():
+            tensors[f"{name}::values"] = values.detach().contiguous().cpu()
+            if self.indices[name] is not None:
+                tensors[f"{name}::indices"] = self.indices[name].contiguous().cpu()
+            tensors[f"{name}::probe_index"] = self.probes[name][0].contiguous().cpu()
+            tensors[f"{name}::probe_value"] = self.probes[name][1].contiguous().cpu()
+        header = {"format": _FORMAT, "base_model": self.base_model, "coordinates": self.coordinates,
+                  "shapes": {k: list(v) for k, v in self.shapes.items()}, "sites": self.sites.to_json()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"mechattr": json.dumps(header)})
+        tmp.replace(path)  # never leave a half-written delta under the real name
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Delta":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no delta file at {path}")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = (f.metadata() or {}).get("mechattr")
+        if meta is None or json.loads(meta).get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a mechattr delta (expected safetensors metadata format {_FORMAT})")
+        header = json.loads(meta)
+        tensors = load_file(str(path))
+        shapes = {k: tuple(v) for k, v in header["shapes"].items()}
+        return cls(values={n: tensors[f"{n}::values"] for n in shapes},
+                   indices={n: tensors.get(f"{n}::indices") for n in shapes}, shapes=shapes,
+                   probes={n: (tensors[f"{n}::probe_index"], tensors[f"{n}::probe_value"]) for n in shapes},
+                   sites=SiteSet.from_json(header["sites"]), base_model=header["base_model"],
+                   coordinates=header["coordinates"])
+
+
+def probes_of(base: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(flat index, base value) of the first few trained entries of one parameter; `base` holds the base
+    values of the trained entries in the order of `index`."""
+    n = min(_N_PROBES, base.numel())
+    where = torch.arange(n) if index is None else index[:n]
+    return where.cpu().clone(), base[:n].detach().cpu().clone()
+
+
+def _merge_param(deltas: list[Delta], name: str, numel: int) -> tuple[Tensor, Tensor | None]:
+    parts = [(d.indices[name], d.values[name]) for d in deltas if name in d.values]
+    if any(index is None for index, _ in parts):
+        dense = torch.zeros(numel, dtype=parts[0][1].dtype)
+        for index, values in parts:
+            dense.index_add_(0, torch.arange(numel) if index is None else index, values)
+        return dense, None
+    index, inverse = torch.unique(torch.cat([i for i, _ in parts]), return_inverse=True)
+    values = torch.zeros(index.numel(), dtype=parts[0][1].dtype).index_add_(0, inverse, torch.cat([v for _, v in parts]))
+    return values, index
+
+
+def merge(*deltas: Delta) -> Delta:
+    """One delta equal to applying all of them (entries trained in several are summed)."""
+    if not deltas:
+        raise ValueError("merge needs at least one delta")
+    first = deltas[0]
+    for d in deltas[1:]:
+        if (d.base_model, d.coordinates) != (first.base_model, first.coordinates):
+            raise ValueError(f"cannot merge deltas of different bases: {first.base_model!r} ({first.coordinates}) "
+                             f"and {d.base_model!r} ({d.coordinates})")
+    shapes = {name: shape for d in deltas for name, shape in d.shapes.items()}
+    values, indices, probes = {}, {}, {}
+    for name, shape in shapes.items():
+        values[name], indices[name] = _merge_param(list(deltas), name, int(torch.Size(shape).numel()))
+        owners = [d.probes[name] for d in deltas if name in d.probes]
+        index, order = torch.unique(torch.cat([i for i, _ in owners]), return_inverse=True)
+        value = torch.empty(index.numel(), dtype=owners[0][1].dtype)
+        value[order] = torch.cat([v for _, v in owners])
+        probes[name] = (index, value)
+    sites = SiteSet()
+    for d in deltas:
+        sites = sites | d.sites
+    return Delta(values, indices, shapes, probes, sites, first.base_model, first.coordinates)

@@ -1,0 +1,170 @@
+"""Fine-tuning methods to compare: each turns a fresh base model into (model to train, masks, sites).
+
+Precision fine-tuning trains the top-k sites of an `Effects` (exact patching, or an attribution
+estimate); the baselines train the bottom-k sites, a random set of sites with as many trained
+parameters, LoRA adapters of about as many parameters (peft), or everything.
+"""
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from mechattr.effects import Effects
+from mechattr.finetune.masks import full_masks, masks, n_trained
+from mechattr.selection import SiteSet, select
+
+__all__ = ["Setup", "Method", "TopSites", "BottomSites", "RandomSites", "LoRA", "Full", "plain_model"]
+
+
+@dataclass(frozen=True, eq=False)
+class Setup:
+    """What one method trains."""
+
+    model: Any  # the model to train: the bridge itself, or a peft-wrapped copy of its HF model
+    masks: dict[str, Bool[Tensor, "..."]]  # entries to train, by parameter name of `model`
+    sites: SiteSet  # the sites behind the masks (empty for LoRA and full fine-tuning)
+
+
+class Method:
+    """Base class. `target` is the trained-parameter count a matched baseline aims for."""
+
+    name: ClassVar[str] = "method"
+    lr: float | None = None  # learning rate for this method; None: the comparison's config
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def build(self, model: Any, seed: int, target: int | None) -> Setup:
+        raise NotImplementedError
+
+
+def _ranked(effects: Effects | list[Effects]) -> SiteSet:
+    """Every site of the grids, by decreasing |effect| (no significance filter)."""
+    grids = [effects] if isinstance(effects, Effects) else effects
+    return select(grids, top_k=sum(len(e.sites) for e in grids), significant_only=False)
+
+
+@dataclass(frozen=True, eq=False)
+class TopSites(Method):
+    """Precision fine-tuning: the `k` sites of largest |effect|."""
+
+    effects: Effects | list[Effects]
+    k: int = 8  # sites to train
+    kv: str = "any"  # head sites train their key/value group: "any" (when selected) or "never"
+    significant_only: bool = False  # only BH-significant cells are eligible
+    tag: str = "precision"  # label in tables (e.g. "precision (attribution)")
+    lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.tag
+
+    def build(self, model, seed, target):
+        sites = select(self.effects, top_k=self.k, significant_only=self.significant_only)
+        if not len(sites):
+            raise ValueError(f"{self.tag}: no site is eligible (significant_only={self.significant_only})")
+        return Setup(model, masks(model, sites, self.kv), sites)
+
+
+@dataclass(frozen=True, eq=False)
+class BottomSites(Method):
+    """The `k` sites of smallest |effect|: trains as many sites where patching says nothing happens."""
+
+    name: ClassVar[str] = "bottom-k"
+    effects: Effects | list[Effects]
+    k: int = 8
+    kv: str = "any"  # as in TopSites
+    lr: float | None = None
+
+    def build(self, model, seed, target):
+        ranked = _ranked(self.effects)
+        sites = SiteSet(ranked.sites[-self.k:][::-1], ranked.scores[-self.k:][::-1])
+        return Setup(model, masks(model, sites, self.kv), sites)
+
+
+@dataclass(frozen=True, eq=False)
+class RandomSites(Method):
+    """Random sites from the same grids, drawn (seeded) until the trained-parameter count is closest to
+    the target."""
+
+    name: ClassVar[str] = "random"
+    effects: Effects | list[Effects]
+    kv: str = "any"  # as in TopSites
+    lr: float | None = None
+
+    def build(self, model, seed, target):
+        pool = list(_ranked(self.effects).sites)
+        random.Random(seed).shuffle(pool)
+        count = lambda j: n_trained(masks(model, pool[:j], self.kv))  # noqa: E731  (monotone in j)
+        if target is None:
+            raise ValueError("RandomSites needs a target parameter count (the reference method's)")
+        lo, hi = 1, len(pool)
+        while lo < hi:  # smallest prefix reaching the target
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
+        if lo > 1 and abs(count(lo - 1) - target) <= abs(count(lo) - target):
+            lo -= 1
+        sites = SiteSet.of(pool[:lo])
+        return Setup(model, masks(model, sites, self.kv), sites)
+
+
+def plain_model(bridge: Any) -> Any:
+    """A copy of the model the bridge wraps, with every bridge wrapper removed: plain Hugging Face modules
+    holding the bridge's (compatibility-mode) weights, so it computes the same logits without hooks."""
+    def unwrap(module):
+        for name, child in list(module.named_children()):
+            while hasattr(child, "_original_component"):
+                child = child._original_component
+            setattr(module, name, child)
+            unwrap(child)
+
+    model = copy.deepcopy(bridge.original_model)
+    unwrap(model)
+    return model
+
+
+@dataclass(frozen=True, eq=False)
+class LoRA(Method):
+    """LoRA adapters (peft) on `targets` of a plain copy of the bridge's model, same coordinates. The rank
+    is chosen so the adapter count is closest to the target; `rank` fixes it instead."""
+
+    name: ClassVar[str] = "lora"
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names to adapt
+    rank: int | None = None  # None: match the target parameter count
+    lr: float | None = None
+
+    def build(self, model, seed, target):
+        from peft import LoraConfig, get_peft_model
+
+        plain = plain_model(model)
+        adapted = [m for name, m in plain.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in self.targets]
+        if not adapted:
+            raise ValueError(f"LoRA targets {self.targets} match no nn.Linear of the model")
+        per_rank = sum(m.in_features + m.out_features for m in adapted)
+        if self.rank is None and target is None:
+            raise ValueError("LoRA needs a rank or a target parameter count")
+        rank = self.rank or max(1, round(target / per_rank))
+        with torch.random.fork_rng():  # peft draws lora_A from the global generator
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(plain, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                          target_modules=list(self.targets)))
+        trained = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in peft_model.named_parameters() if p.requires_grad}
+        return Setup(peft_model, trained, SiteSet())
+
+
+@dataclass(frozen=True, eq=False)
+class Full(Method):
+    """Full fine-tuning: every parameter."""
+
+    name: ClassVar[str] = "full"
+    lr: float | None = None
+
+    def build(self, model, seed, target):
+        return Setup(model, full_masks(model), SiteSet())
