@@ -132,7 +132,8 @@ def _bad_input_types() -> tuple[type, ...]:
     from mechattr.models import ModelNotAvailable
     from mechattr.tasks import TaskError
 
-    return (UsageError, ValueError, KeyError, FileNotFoundError, ModelNotAvailable, TaskError)
+    # OSError: output paths that name a file, unwritable directories.
+    return (UsageError, ValueError, KeyError, OSError, ModelNotAvailable, TaskError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

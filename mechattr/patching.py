@@ -58,7 +58,8 @@ def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] |
     and sorted by their first position; a batch starts at its earliest cell's position."""
     keyed = []
     for i, cell in enumerate(cells):
-        layer = min(site.resume_layer for site, _ in cell) if resid is not None else None
+        layers = [site.resume_layer for site, _ in cell]
+        layer = None if resid is None or None in layers else min(layers)
         if layer is not None and _resid_hook(layer) not in resid:
             layer = None
         start = min(site.first_pos for site, _ in cell) if layer is not None and forward.reuses_prefix else 0
@@ -149,9 +150,11 @@ def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: In
     `resume=False` recomputes every layer (a reference path; the results are the same).
     """
     grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
+    if not grid.sites:
+        raise ValueError("patch needs at least one site; the grid is empty")
     validate(grid.sites, model, task.n_pos)
     hook_names = {s.hook for s in grid}
-    resume_hooks = {_resid_hook(s.resume_layer) for s in grid if s.kind != "embed"} if resume else set()
+    resume_hooks = {_resid_hook(s.resume_layer) for s in grid if s.resume_layer is not None} if resume else set()
     runs = _unpatched_runs(model, task, intervention.base_run, hook_names, resume_hooks)
     cells = []
     for site in grid:

@@ -84,9 +84,10 @@ class Site:
         return 0 if self.pos is None else self.pos
 
     @property
-    def resume_layer(self) -> int:
-        """The first block whose input can differ from the unpatched run."""
-        return 0 if self.kind == "embed" else self.layer
+    def resume_layer(self) -> int | None:
+        """The first block whose input can differ from the unpatched run; None when the site sits before
+        the blocks (embeddings), so only a full forward applies it."""
+        return None if self.kind == "embed" else self.layer
 
     def __str__(self) -> str:
         parts = [f"L{self.layer}"] if self.kind != "embed" else []
@@ -171,5 +172,7 @@ def grid(model: Any, kind: str, n_pos: int | None = None, *, per_position: bool 
         axes.append(("neuron", list(range(shape["d_mlp"]))))
     names = tuple(a for a, _ in axes)
     sites = tuple(Site(kind, **dict(zip(names, combo))) for combo in itertools.product(*(v for _, v in axes)))
+    if not sites:
+        raise ValueError(f"the {kind!r} grid is empty: {dict((a, v) for a, v in axes if not v)}")
     validate(sites, model, n_pos)
     return Grid(kind=kind, axes=names, shape=tuple(len(v) for _, v in axes), sites=sites)

@@ -118,16 +118,28 @@ def from_jsonl(model: Any, path: str | Path, name: str | None = None, metric: Me
         raise TaskError(f"task file {str(path)!r} does not exist")
     keys = ("clean", "corrupt", "answer", "wrong")
     columns: dict[str, list[str]] = {k: [] for k in keys}
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TaskError(f"task file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    # Split on "\n" only: str.splitlines would also break at U+2028 etc. inside JSON strings.
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise TaskError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+        except (RecursionError, ValueError) as error:  # nesting or integer size past Python's limits
+            raise TaskError(f"{path}:{line_no}: not usable JSON ({error.__class__.__name__})") from None
         if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
             raise TaskError(f"{path}:{line_no}: each line must be an object with string fields "
                             f"{', '.join(keys)}; got {line.strip()[:120]}")
+        try:
+            for k in keys:
+                row[k].encode("utf-8")
+        except UnicodeEncodeError:
+            raise TaskError(f"{path}:{line_no}: a string holds an unpaired surrogate escape") from None
         for k in keys:
             columns[k].append(row[k])
     if not columns["clean"]:
