@@ -26,14 +26,16 @@ def _component(site: Site) -> tuple[str, int, int | None]:
     return "mlp", site.layer, None
 
 
-def _position(component: tuple[str, int, int | None], n_heads: int) -> tuple[float, float]:
-    """Layered layout: x by layer (heads, then the MLP a half step later), y by head."""
+_BOTTOM = -1.2  # the row under the heads for the embedding, MLPs and logits
+
+
+def _position(component: tuple[str, int, int | None]) -> tuple[float, float]:
+    """Layered layout: x by layer (an MLP half a step after its layer's heads), heads at y = head, the
+    embedding, MLPs and logits on a row below them."""
     kind, layer, head = component
     if kind == "head":
         return float(layer), float(head)
-    if kind == "mlp":
-        return layer + 0.5, n_heads / 2 - 0.5
-    return float(layer), n_heads / 2 - 0.5
+    return (layer + 0.5 if kind == "mlp" else float(layer)), _BOTTOM
 
 
 def plot_circuit(circuit: Circuit, ax: Any = None) -> Any:
@@ -44,18 +46,18 @@ def plot_circuit(circuit: Circuit, ax: Any = None) -> Any:
     n_heads = circuit.meta.get("n_heads") or 1 + max([c[2] for c in components if c[2] is not None], default=0)
     n_layers = circuit.meta.get("n_layers") or 1 + max([c[1] for c in components], default=0)
     for sender, receiver in ((e.sender, e.receiver) for e in circuit.edges):
-        (x0, y0), (x1, y1) = _position(_component(sender), n_heads), _position(_component(receiver), n_heads)
+        (x0, y0), (x1, y1) = _position(_component(sender)), _position(_component(receiver))
         ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "-|>", "alpha": 0.6, "shrinkA": 8,
                                                         "shrinkB": 8, "color": _COLORS.get(receiver.kind, "black")})
     for c in components:
-        x, y = _position(c, n_heads)
-        label = {"head": f"{c[1]}.{c[2]}", "mlp": f"MLP{c[1]}", "embed": "embed", "logits": "logits"}[c[0]]
+        x, y = _position(c)
+        label = {"head": f"{c[1]}.{c[2]}", "mlp": f"M{c[1]}", "embed": "emb", "logits": "out"}[c[0]]
         ax.scatter([x], [y], s=300, color="tab:red" if c[0] == "head" else "lightgray", edgecolor="black", zorder=3)
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=7, zorder=4)
     ax.set_xticks(range(-1, n_layers + 1), ["embed", *map(str, range(n_layers)), "logits"], fontsize=7)
-    ax.set_yticks(range(n_heads))
+    ax.set_yticks([_BOTTOM, *range(n_heads)], ["MLP", *map(str, range(n_heads))])
     ax.set_xlim(-1.5, n_layers + 0.5)
-    ax.set_ylim(-0.5, n_heads - 0.5)
+    ax.set_ylim(_BOTTOM - 0.6, n_heads - 0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("head")
     ax.set_title(f"{circuit.level} circuit: {circuit.size} {circuit.level}s, faithfulness {circuit.faithfulness:.2f}")

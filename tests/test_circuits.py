@@ -180,7 +180,7 @@ def test_plots_draw_what_they_show(planted, gqa, tiny_task):
     circuit = discover(model, task, "edge", points=6)
     ax = plot_circuit(circuit)
     assert len(ax.collections) == 3  # embed, head 1.2 (its v input and its output), logits
-    assert sorted(t.get_text() for t in ax.texts if t.get_text()) == ["1.2", "embed", "logits"]
+    assert sorted(t.get_text() for t in ax.texts if t.get_text()) == ["1.2", "emb", "out"]
     assert len([t for t in ax.texts if not t.get_text()]) == 2  # one arrow per edge
     ax = plot_faithfulness(circuit)
     assert list(ax.lines[0].get_ydata()) == list(circuit.curve)
