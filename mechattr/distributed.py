@@ -58,10 +58,14 @@ def shares(costs: Sequence[float], world: int) -> list[list[int]]:
 
 def cell_cost(site: Site, model: Any, n_pos: int) -> float:
     """Rough multiply-adds of one patched row: the blocks from the site's layer on, over the positions from
-    its first on (the engine resumes there), plus the unembedding of the last position."""
+    its first on (the engine resumes there), plus the unembedding of the last position. A rough guide
+    to balance shares by, not a prediction of run time."""
     shape, d_model = model_shape(model), model.cfg.d_model
     block = 4 * d_model**2 + 3 * d_model * shape["d_mlp"]  # attention projections and a (gated) MLP
-    rows = (shape["n_layers"] - site.resume_layer) * (n_pos - site.first_pos)
+    if site.resume_layer is None:  # before the blocks (embeddings): a full forward
+        rows = shape["n_layers"] * n_pos
+    else:
+        rows = (shape["n_layers"] - site.resume_layer) * (n_pos - site.first_pos)
     return float(block * rows + d_model * model.cfg.d_vocab)
 
 

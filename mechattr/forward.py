@@ -116,7 +116,8 @@ class Forward:
             raise ValueError(f"the model has no hook point(s) {sorted(missing)}; check the site kinds")
         if self.resumable:
             self._keep(captured, caches[0] if caches else None)
-        return logits[:, -1].float(), store
+        # clone: a float32 slice would be a view that keeps every position's logits alive.
+        return logits[:, -1].float().clone(), store
 
     def _keep(self, captured: dict[int, dict[str, Any]], cache: Any) -> None:
         n_layers, (n, n_pos) = len(self.model.blocks), self.tokens.shape

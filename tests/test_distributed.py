@@ -127,8 +127,9 @@ def test_shares_balance_estimated_costs(tiny, tiny_task):
     assert distributed.shares([3.0, 1.0, 1.0, 1.0], 2) == [[0], [1, 2, 3]]
     g = grid(tiny, "resid_pre", tiny_task.n_pos)
     costs = [distributed.cell_cost(site, tiny, tiny_task.n_pos) for site in g]
-    # Later layers and positions resume later, so cost less.
+    # Later layers and positions resume later, so cost less; embeddings run every block.
     assert costs[0] > costs[6] > costs[13] and costs[0] > costs[7]
+    assert distributed.cell_cost(Site("embed", pos=3), tiny, tiny_task.n_pos) == costs[0]
     first, second = distributed.shares(costs, 2)
     assert len(first) < len(second) and first == list(range(len(first)))
     spent = [sum(costs[i] for i in part) for part in (first, second)]

@@ -120,16 +120,10 @@ def test_patching_the_whole_residual_restores_clean(config, data):
 @given(cases(max_sites=6), st.sampled_from([Denoise(), Noise(), Zero()]))
 def test_batched_sites_equal_each_site_alone(case, intervention):
     model, task, chosen = case
-    assume(not _embed_with_layer0_site(chosen))
     together = patch(model, task, chosen, intervention, progress=False)
     for i, site in enumerate(chosen):
         alone = patch(model, task, [site], intervention, progress=False)
         _close(together.per_example[i], alone.per_example[0], str(site))
-
-
-def _embed_with_layer0_site(chosen) -> bool:
-    """The case reported with test_embed_site_batched_with_a_layer0_site_is_patched."""
-    return any(s.kind == "embed" for s in chosen) and any(s.kind != "embed" and s.layer == 0 for s in chosen)
 
 
 def test_embed_site_batched_with_a_layer0_site_is_patched(tiny, tiny_task):
@@ -153,7 +147,6 @@ def test_reruns_are_bit_identical(case):
 @given(cases(max_sites=6), st.integers(1, 4), st.integers(1, 4), st.sampled_from(["denoise", "zero", "steer"]))
 def test_chunked_sweep_equals_one_patch(case, cells_per_chunk, examples_per_chunk, name):
     model, task, chosen = case
-    assume(not _embed_with_layer0_site(chosen))
     intervention = {"denoise": Denoise(), "zero": Zero(), "steer": Steer(torch.ones(()), scale=0.5)}[name]
     whole = patch(model, task, chosen, intervention, progress=False)
     pieces = sweeps.sweep(model, task, chosen, intervention, cells_per_chunk=cells_per_chunk,
@@ -166,18 +159,20 @@ def test_chunked_sweep_equals_one_patch(case, cells_per_chunk, examples_per_chun
 # Fuzzed task files ----------------------------------------------------------------------------------
 
 KEYS = ("clean", "corrupt", "answer", "wrong")
+# Any text, lone surrogates included (JSON escapes them as \ud800; written raw they are not UTF-8).
+strings = st.lists(st.characters() | st.integers(0xD800, 0xDFFF).map(chr), max_size=20).map("".join)
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True)
-                           | st.text(max_size=20), lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
-rows = st.dictionaries(st.sampled_from(KEYS + ("extra",)), json_values | st.text(max_size=30), max_size=5)
+                           | strings, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(strings, inner, max_size=3), max_leaves=6)
+rows = st.dictionaries(st.sampled_from(KEYS + ("extra",)), json_values | strings, max_size=5)
 lines = st.one_of(
     st.builds(lambda row, ascii_only: json.dumps(row, ensure_ascii=ascii_only), rows, st.booleans()),
     json_values.map(json.dumps),  # valid JSON that is not an object
-    st.text(max_size=40),  # free text
+    strings,  # free text
     st.builds(lambda row, cut: json.dumps(row)[:cut], rows, st.integers(0, 40)),  # truncated objects
     st.sampled_from(["", "   ", "{}", "[]", "null", "NaN",
                      '{"clean": "a", "corrupt": "a", "answer": " b", "wrong": " c"}']),
-)
+).map(lambda line: line.encode("utf-8", "surrogatepass")) | st.binary(max_size=40)
 
 
 @pytest.mark.slow
@@ -185,7 +180,7 @@ lines = st.one_of(
 @given(st.lists(lines, max_size=4))
 def test_fuzzed_jsonl_fails_only_with_task_errors(smollm2, tmp_path_factory, content):
     path = tmp_path_factory.mktemp("fuzz") / "task.jsonl"
-    path.write_text("\n".join(content), encoding="utf-8")
+    path.write_bytes(b"\n".join(content))
     try:
         task = from_jsonl(smollm2, path)
     except TaskError as error:
@@ -194,14 +189,9 @@ def test_fuzzed_jsonl_fails_only_with_task_errors(smollm2, tmp_path_factory, con
     assert task.clean.shape == task.corrupt.shape and task.answer.shape == (task.n_examples,)
 
 
-# JSON does not escape these; they are covered by test_unicode_line_separators_inside_strings_parse.
-_LINE_BREAKS_INSIDE_JSON = "\x85\u2028\u2029"
-
-
 @pytest.mark.slow
 @_settings(25)
-@given(st.text(max_size=30).filter(lambda t: not set(t) & set(_LINE_BREAKS_INSIDE_JSON)), st.booleans(),
-       st.integers(1, 3))
+@given(st.text(max_size=30), st.booleans(), st.integers(1, 3))
 def test_any_text_in_a_well_formed_task_file_parses(smollm2, tmp_path_factory, text, ascii_only, n):
     row = {"clean": text, "corrupt": text, "answer": " Paris", "wrong": " Rome"}
     path = tmp_path_factory.mktemp("rows") / "task.jsonl"
@@ -237,11 +227,8 @@ def test_unicode_line_separators_inside_strings_parse(smollm2, tmp_path):
 # Fuzzed command lines -------------------------------------------------------------------------------
 
 def _fake_patch(model, task, sites, intervention=Denoise(), **kwargs):
-    """The engine's input checks and result type without its forward passes (tested elsewhere); an empty
-    grid goes to the real engine, which needs no patched forward for it."""
+    """The engine's input checks and result type without its forward passes (tested elsewhere)."""
     grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
-    if not grid.sites:
-        return mechattr.patching.patch(model, task, grid, intervention, **kwargs)
     validate(grid.sites, model, task.n_pos)
     n = task.n_examples
     intervention(torch.zeros(n, 1), torch.zeros(n, 1))  # e.g. Resample refuses a single example
@@ -267,7 +254,7 @@ flags = {
     "--sites": st.lists(_mostly(st.sampled_from(sorted(KINDS))), min_size=1, max_size=3).map(",".join),
     "--intervention": _mostly(st.sampled_from(["denoise", "noise", "zero", "mean", "resample", "gaussian"])),
     "--layers": st.lists(_mostly(st.integers(-2, 31).map(str)), min_size=1, max_size=3).map(",".join),
-    "--out": st.sampled_from(["out", "out/nested", "."]),  # an existing file: test_out_naming_a_file_is_bad_input
+    "--out": st.sampled_from(["out", "out/nested", ".", "bad.jsonl"]),
 }
 
 
@@ -282,12 +269,6 @@ def command_lines(draw):
         if flag in flags and draw(st.integers(0, 9)):  # now and then a flag without its value
             argv.append(draw(flags[flag]))
     return argv
-
-
-def _known_bug(argv: list[str]) -> bool:
-    """Inputs that reach the empty-grid failure reported with test_empty_grid_is_refused_with_a_value_error."""
-    layers = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--layers"]
-    return any(not [x for x in spec.split(",") if x.strip()] for spec in layers)
 
 
 def _run_cli(smollm2, root, argv: list[str]) -> tuple[int, str]:
@@ -313,7 +294,6 @@ def _run_cli(smollm2, root, argv: list[str]) -> tuple[int, str]:
 @_settings(50)
 @given(command_lines())
 def test_fuzzed_command_lines_end_in_a_status(smollm2, tmp_path_factory, argv):
-    assume(not _known_bug(argv))
     root = tmp_path_factory.mktemp("cli")
     (root / "bad.jsonl").write_text('{"clean": 1}\n')
     (root / "good.jsonl").write_text(json.dumps({"clean": "The Eiffel Tower is in", "corrupt": "The Colosseum is in",
