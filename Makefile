@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench notebooks clean
 
 .venv/installed: pyproject.toml
 	python3 -m venv .venv
@@ -22,6 +22,12 @@ demo: .venv/installed
 
 test: .venv/installed
 	$(PY) -m pytest -q
+
+# Re-execute every notebook in place, full size, with inline figures.
+notebooks: .venv/installed
+	cd notebooks && for nb in *.ipynb; do \
+		env -u MPLBACKEND ../.venv/bin/jupyter execute --inplace --timeout=1800 "$$nb" || exit 1; \
+	done
 
 bench: .venv/installed
 	$(PY) benchmarks/bench_patching.py

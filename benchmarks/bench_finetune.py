@@ -164,7 +164,8 @@ def main():
           f"({args.heads} heads = {n_trained(masks(base, sites)):,} entries), {torch.get_num_threads()} threads")
     print(f"{'method':32s} {'trained':>12s} {'step s':>8s} {'peak MB':>9s} {'optimizer MB':>13s}")
     for name, row in rows.items():
-        print(f"{name:32s} {row['n_trained']:>12,} {row['step_s']:>8.2f} {row['peak_mb']:>9.0f} {row['optimizer_mb']:>13.2f}")
+        print(f"{name:32s} {row['n_trained']:>12,} {row['step_s']:>8.2f} {row['peak_mb']:>9.0f} "
+              f"{row['optimizer_mb']:>13.2f}")
     masked = rows["masked (heads)"]
     for name in list(rows)[1:]:
         print(f"{name} / masked: step time x{rows[name]['step_s'] / masked['step_s']:.2f}, peak memory "

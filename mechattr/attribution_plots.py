@@ -5,7 +5,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from mechattr.attribution import Verification
+from mechattr.verification import Verification
 from mechattr.circuits import Circuit
 from mechattr.sites import Site
 

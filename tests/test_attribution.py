@@ -5,7 +5,8 @@ import torch
 from scipy import stats
 
 import mechattr
-from mechattr.attribution import Verification, attribute, gradient_pass, verify
+from mechattr.attribution import attribute, gradient_pass
+from mechattr.verification import Verification, verify
 from mechattr.interventions import Mean, Noise, Zero
 from mechattr.sites import Site, grid
 

@@ -9,7 +9,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mechattr  # noqa: E402
-from mechattr.attribution import attribute, gradient_pass, verify  # noqa: E402
+from mechattr.attribution import attribute, gradient_pass  # noqa: E402
+from mechattr.verification import verify  # noqa: E402
 from mechattr.attribution_plots import plot_circuit, plot_estimate_vs_exact, plot_faithfulness  # noqa: E402
 from mechattr.circuits import Circuit, discover, edge_faithfulness, node_faithfulness, nodes  # noqa: E402
 from mechattr.edges import Edge, EdgeAblator, all_edges, attribute_edges, patch_edges  # noqa: E402

@@ -177,7 +177,7 @@ def test_gqa_key_value_groups_on_smollm2(smollm2):
 def test_training_a_gqa_group_on_smollm2_leaves_everything_else_bit_identical(smollm2):
     from mechattr.finetune import TrainConfig, train
 
-    model = mechattr.load_model("smollm2-135m")  # a copy: the session fixture stays untrained
+    model = mechattr.load_model("smollm2-135m")  # a copy: the shared fixture stays untrained
     sites = [Site("z", 5, head=3), Site("z", 5, head=5)]
     mask_set = masks(model, sites)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -121,7 +121,7 @@ def test_runs_are_deterministic_and_seeded(task):
 
     (a, la), (b, lb), (c, lc) = final(0), final(0), final(1)
     assert la == lb and all(torch.equal(a[n], b[n]) for n in a)
-    assert la != lc
+    assert la != lc and not all(torch.equal(a[n], c[n]) for n in a)
 
 
 class Interrupt(Callback):

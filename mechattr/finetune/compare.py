@@ -24,7 +24,7 @@ from mechattr.finetune.trainer import TrainConfig, train
 from mechattr.models import load_model
 from mechattr.tasks import Task, ioi
 
-__all__ = ["ComparisonTable", "compare", "UNRELATED_TEXT"]
+__all__ = ["ComparisonTable", "Evaluation", "compare", "UNRELATED_TEXT"]
 
 # Text unrelated to the built-in tasks, for measuring how much a method changes the model elsewhere.
 UNRELATED_TEXT = (
@@ -112,7 +112,7 @@ class ComparisonTable:
 
 
 @dataclass(frozen=True, eq=False)
-class _Evaluation:
+class Evaluation:
     """Everything a trained model is measured against, computed once on the base model."""
 
     heldout: Task
@@ -122,7 +122,7 @@ class _Evaluation:
     base: dict[str, float]  # base model's scores
 
     @classmethod
-    def of(cls, model: Any, data: Data, heldout: Task, other_task: Task, text: Text) -> "_Evaluation":
+    def of(cls, model: Any, data: Data, heldout: Task, other_task: Task, text: Text) -> "Evaluation":
         scores = task_scores(model, heldout)
         base = {"heldout_metric": scores["metric"], "heldout_accuracy": scores["accuracy"],
                 "other_metric": task_scores(model, other_task)["metric"]}
@@ -139,7 +139,7 @@ class _Evaluation:
 
 
 def _run(method: Method, model: Any, seed: int, target: int, data: Data, config: TrainConfig,
-         evaluation: _Evaluation) -> dict[str, Any]:
+         evaluation: Evaluation) -> dict[str, Any]:
     setup = method.build(model, seed, target)
     run_config = replace(config, seed=seed, lr=config.lr if method.lr is None else method.lr)
     with PeakMemory(next(setup.model.parameters()).device) as memory:
@@ -166,7 +166,7 @@ def compare(base: str | Callable[[], Any], data: Data, heldout: Task, methods: S
     model = load()
     other_task = other_task if other_task is not None else ioi(model, n=8, seed=0)
     text = text if text is not None else Text.from_strings(model, UNRELATED_TEXT, seq_len=32, name="unrelated")
-    evaluation = _Evaluation.of(model, data, heldout, other_task, text)
+    evaluation = Evaluation.of(model, data, heldout, other_task, text)
     rows = []
     with tqdm(total=len(seeds) * len(methods), desc="comparing", disable=not progress) as bar:
         for seed in seeds:

@@ -135,7 +135,8 @@ def _merge_param(deltas: list[Delta], name: str, numel: int) -> tuple[Tensor, Te
             dense.index_add_(0, torch.arange(numel) if index is None else index, values)
         return dense, None
     index, inverse = torch.unique(torch.cat([i for i, _ in parts]), return_inverse=True)
-    values = torch.zeros(index.numel(), dtype=parts[0][1].dtype).index_add_(0, inverse, torch.cat([v for _, v in parts]))
+    values = torch.zeros(index.numel(), dtype=parts[0][1].dtype)
+    values.index_add_(0, inverse, torch.cat([v for _, v in parts]))
     return values, index
 
 

@@ -155,13 +155,16 @@ class LoRA(Method):
             torch.manual_seed(seed)
             peft_model = get_peft_model(plain, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                           target_modules=list(self.targets)))
-        trained = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in peft_model.named_parameters() if p.requires_grad}
+        trained = {n: torch.ones(p.shape, dtype=torch.bool)
+                   for n, p in peft_model.named_parameters() if p.requires_grad}
         return Setup(peft_model, trained, SiteSet())
 
 
 @dataclass(frozen=True, eq=False)
 class Full(Method):
-    """Full fine-tuning: every parameter."""
+    """Full fine-tuning: every parameter, through the same masked trainer (so with the same decay toward
+    the base weights). That keeps a base copy and a gradient buffer of every weight: about twice the
+    peak memory of a plain AdamW loop (see benchmarks/bench_finetune.py)."""
 
     name: ClassVar[str] = "full"
     lr: float | None = None

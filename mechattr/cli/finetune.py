@@ -1,0 +1,145 @@
+"""`mechattr finetune`: precision fine-tuning of the top sites of saved effects, and `--compare` against
+the baselines (bottom-k, random sites and LoRA of the same size, full fine-tuning)."""
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mechattr.cli.common import UsageError, add_task_args, effects_from, positive, task_defaults, task_of
+
+__all__ = ["add"]
+
+_KV = ("any", "never")
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser("finetune", help="train only the parameters of the top sites of saved effects")
+    f.add_argument("--sites-from", required=True, help="effects directory (or its effects.safetensors)")
+    f.add_argument("--kinds", default=None, help="which saved grids to select from (default: all)")
+    f.add_argument("--top-k", type=int, required=True, help="sites to train, by |effect|")
+    f.add_argument("--significant-only", action="store_true", help="only BH-significant cells are eligible")
+    f.add_argument("--kv", default="any", help="GQA key/value groups: train when any head is selected (any) "
+                                              "or never")
+    add_task_args(f, defaults=False)
+    f.add_argument("--heldout", type=float, default=0.3, help="share of the examples (pairs) held out")
+    f.add_argument("--steps", type=int, default=100)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--loss", default="ce", help="ce (answer cross-entropy) or logit_diff")
+    f.add_argument("--compare", action="store_true", help="also run the baselines; writes comparison.md/.json")
+    f.add_argument("--seeds", default="0,1,2", help="seeds for --compare")
+    f.add_argument("--estimate-from", default=None,
+                   help="with --compare: an attribution estimate's effects, for precision from attribution")
+    f.add_argument("--out", required=True, help="output directory")
+    f.set_defaults(run=cmd_finetune)
+
+
+def split(model: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Training and held-out tasks: cause_effect splits by pair; other tasks by example (seeded)."""
+    import torch
+
+    if not 0 < args.heldout < 1:
+        raise UsageError(f"--heldout must be a share between 0 and 1, got {args.heldout}")
+    if args.task == "cause_effect":
+        from mechattr.finetune import cause_effect
+
+        return tuple(cause_effect(model, s, heldout=args.heldout, seed=args.seed).with_metric(args.metric)
+                     for s in ("train", "heldout"))
+    task = task_of(model, args.task, args.n, args.seed).with_metric(args.metric)
+    n_held = round(args.heldout * task.n_examples)
+    if not 0 < n_held < task.n_examples:
+        raise UsageError(f"--heldout {args.heldout} of {task.n_examples} examples leaves no training or no "
+                         f"held-out example; use more examples (--n)")
+    order = torch.randperm(task.n_examples, generator=torch.Generator().manual_seed(args.seed)).tolist()
+    return task.subset(sorted(order[n_held:])), task.subset(sorted(order[:n_held]))
+
+
+def _check(args: argparse.Namespace) -> None:
+    positive("--top-k", args.top_k)
+    positive("--steps", args.steps)
+    positive("--batch-size", args.batch_size)
+    if args.kv not in _KV:
+        raise UsageError(f"--kv must be one of {', '.join(_KV)}, got {args.kv!r}")
+    if args.loss not in ("ce", "logit_diff"):
+        raise UsageError(f"--loss must be ce or logit_diff, got {args.loss!r}")
+    if args.estimate_from and not args.compare:
+        raise UsageError("--estimate-from only applies with --compare")
+
+
+def _seeds(spec: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {spec!r}") from None
+    if not seeds:
+        raise UsageError("--seeds names no seed")
+    return seeds
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import mechattr
+    from mechattr import plots
+    from mechattr.finetune import Checkpoint, Text, TopSites, TrainConfig, compare, train
+    from mechattr.finetune.compare import UNRELATED_TEXT, Evaluation
+    from mechattr.finetune.memory import PeakMemory
+    from mechattr.finetune.methods import BottomSites, Full, LoRA, RandomSites
+    from mechattr.finetune.plots import plot_comparison, plot_losses
+    from mechattr.tasks import ioi
+
+    _check(args)
+    seeds = _seeds(args.seeds) if args.compare else []
+    effects = effects_from(args.sites_from, args.kinds)
+    task_defaults(args, effects[0].meta, ("model", "task", "n", "seed", "metric"))
+    base = mechattr.load_model(args.model)
+    train_task, heldout = split(base, args)
+    config = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+                         weight_decay=args.weight_decay, loss=args.loss, seed=args.seed)
+    precision = TopSites(effects, k=args.top_k, kv=args.kv, significant_only=args.significant_only)
+    other = ioi(base, n=8, seed=0) if args.task != "ioi" else task_of(base, "facts", 8, 0)
+    text = Text.from_strings(base, UNRELATED_TEXT, seq_len=32, name="unrelated")
+    evaluation = Evaluation.of(base, train_task, heldout, other, text)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = precision.build(mechattr.load_model(args.model), args.seed, None)
+    checkpoint = out / "checkpoint.pt"  # a rerun of an interrupted command continues from here
+    with PeakMemory() as memory:
+        result = train(setup.model, setup.masks, train_task, config, [Checkpoint(checkpoint, every=10)],
+                       resume=checkpoint if checkpoint.is_file() else None, sites=setup.sites,
+                       base_model=args.model)
+    result.delta.save(out / "delta.safetensors")
+    n_params = sum(p.numel() for p in base.parameters())
+    metrics = {"task": train_task.name, "heldout_task": heldout.name, "model": args.model,
+               "sites": [str(s) for s in setup.sites], "n_trained": result.n_trained,
+               "trained_fraction": result.n_trained / n_params, "config": asdict(config),
+               "base": evaluation.base, "trained": evaluation(setup.model, train_task), "wall_s": result.wall_s,
+               "peak_mb": memory.peak_bytes / 2**20 if memory.peak_bytes is not None else None,
+               "losses": list(result.losses)}
+    _write_json(out / "metrics.json", metrics)
+    plots.save(plot_losses(result.losses, label=f"precision, top {args.top_k}").figure, out / "training.png")
+    checkpoint.unlink()
+    print(f"trained {result.n_trained:,} entries ({100 * metrics['trained_fraction']:.3f}% of the model); "
+          f"held-out accuracy {evaluation.base['heldout_accuracy']:.3f} -> {metrics['trained']['heldout_accuracy']:.3f}; "
+          f"wrote {out}")
+    if args.compare:
+        methods = [precision]
+        if args.estimate_from:
+            methods.append(TopSites(effects_from(args.estimate_from, args.kinds), k=args.top_k, kv=args.kv,
+                                    significant_only=args.significant_only, tag="precision (attribution)"))
+        methods += [RandomSites(effects, kv=args.kv), BottomSites(effects, k=args.top_k, kv=args.kv), LoRA(), Full()]
+        start = time.time()
+        table = compare(args.model, train_task, heldout, methods, config, seeds, other_task=other, text=text)
+        table.save(out)
+        plots.save(plot_comparison(table), out / "comparison.png")
+        print(table.to_markdown())
+        print(f"compared {len(methods)} methods over {len(seeds)} seed(s) in {time.time() - start:.0f} s")

@@ -1,0 +1,149 @@
+"""The command line writes what the library computes, and bad input ends in exit status 2 with a message
+that names the problem (no traceback)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mechattr
+from mechattr.cli import main
+from mechattr.cli.common import UsageError, kinds
+from mechattr.finetune import Delta, masks
+from mechattr.finetune.cause_effect import cause_effect
+from mechattr.finetune.evaluation import task_scores
+from mechattr.tasks import ioi
+
+SMALL = ["--n", "2", "--sites", "z", "--layers", "28,29"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    status = main(list(argv))
+    return status, capsys.readouterr().err
+
+
+def test_site_kinds_are_deduplicated_in_order():
+    assert kinds("z, mlp_out,z,,mlp_out") == ["z", "mlp_out"]
+    with pytest.raises(UsageError, match="valid kinds: .*resid_pre"):
+        kinds("z,heads")
+
+
+def test_usage_errors_return_2_and_help_returns_0(capsys):
+    assert main(["pach"]) == 2
+    assert main(["--help"]) == 0
+    assert main(["finetune", "--top-k", "3"]) == 2  # --sites-from and --out missing
+    assert "required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["attribute", "--method", "atp2", "--out", "x"], "valid: atp, atp*, ig"),
+    (["attribute", "--method", "ig", "--steps", "0", "--out", "x"], "--steps must be a positive integer"),
+    (["discover", "--level", "graph", "--out", "x"], "valid: node, edge"),
+    (["discover", "--ablation", "shuffle", "--out", "x"], "valid: noise, mean, zero, resample"),
+    (["finetune", "--sites-from", "nowhere", "--top-k", "0", "--out", "x"], "--top-k must be a positive integer"),
+    (["finetune", "--sites-from", "nowhere", "--top-k", "2", "--out", "x"], "nowhere/effects.json is missing"),
+    (["verify", "--effects", "nowhere", "--out", "x"], "nowhere/effects.json is missing"),
+])
+def test_bad_input_is_named_before_any_model_loads(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mechattr, "load_model", lambda *a, **k: pytest.fail("loaded a model for bad input"))
+    status, err = run(capsys, *argv)
+    assert status == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def estimate_dir(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("cli") / "estimate"
+    assert main(["attribute", "--method", "atp", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_attribute_writes_what_attribute_computes(estimate_dir, smollm2):
+    saved = mechattr.load_effects(estimate_dir)["z"]
+    task = ioi(smollm2, n=2, seed=0)
+    expected = mechattr.attribute(smollm2, task, mechattr.grid(smollm2, "z", task.n_pos, layers=[28, 29]), "atp")
+    assert saved.method == "atp" and saved.meta["n"] == 2 and saved.meta["task_spec"] == "ioi"
+    torch.testing.assert_close(saved.per_example, expected.per_example, atol=1e-5, rtol=1e-5)
+    assert (estimate_dir / "z.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_verify_rebuilds_the_task_from_the_estimate(estimate_dir, smollm2, tmp_path, capsys):
+    status, err = run(capsys, "verify", "--effects", str(estimate_dir / "effects.safetensors"), "--top", "3",
+                      "--sample", "4", "--out", str(tmp_path))
+    assert status == 0, err
+    report = json.loads((tmp_path / "verification.json").read_text())
+    estimate = mechattr.load_effects(estimate_dir)["z"]
+    expected = mechattr.verify(smollm2, ioi(smollm2, n=2, seed=0), estimate, top=3, sample=4)
+    assert report["sites"] == [str(s) for s in expected.checked]
+    assert report["spearman"] == pytest.approx(expected.spearman)
+    assert report["missed"] == pytest.approx(expected.missed)
+    exact = mechattr.load_effects(tmp_path / "exact")["z"]
+    reference = mechattr.patch(smollm2, ioi(smollm2, n=2, seed=0), list(expected.checked), progress=False)
+    torch.testing.assert_close(exact.per_example, reference.per_example, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "estimate_vs_exact.png").is_file()
+
+
+@pytest.mark.slow
+def test_verify_refuses_an_estimate_of_another_size(estimate_dir, tmp_path, capsys):
+    status, err = run(capsys, "verify", "--effects", str(estimate_dir), "--n", "3", "--out", str(tmp_path))
+    assert status == 2 and "2 examples" in err and "3" in err
+
+
+@pytest.mark.slow
+def test_discover_writes_a_circuit_whose_curve_ends_at_the_clean_run(tmp_path, capsys):
+    status, err = run(capsys, "discover", "--n", "2", "--points", "3", "--no-prune", "--target", "0.5",
+                      "--out", str(tmp_path))
+    assert status == 0, err
+    circuit = mechattr.Circuit.load(tmp_path)
+    assert circuit.sizes[0] == 0 and circuit.sizes[-1] == len(circuit.ranking) == 301  # embed, 270 heads, 30 MLPs
+    assert circuit.curve[0] == pytest.approx(0.0, abs=1e-4) and circuit.curve[-1] == pytest.approx(1.0, abs=1e-4)
+    start = next(n for n, f in zip(circuit.sizes, circuit.curve) if f >= 0.5)
+    assert circuit.size == start and circuit.faithfulness >= 0.5
+    assert (tmp_path / "faithfulness.png").is_file() and (tmp_path / "circuit.png").is_file()
+
+
+@pytest.mark.slow
+def test_finetune_delta_reproduces_its_metrics_and_compare_matches_sizes(estimate_dir, smollm2, tmp_path, capsys):
+    status, err = run(capsys, "finetune", "--sites-from", str(estimate_dir), "--top-k", "2", "--task",
+                      "cause_effect", "--steps", "2", "--compare", "--seeds", "0", "--out", str(tmp_path))
+    assert status == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    delta = Delta.load(tmp_path / "delta.safetensors")
+    top = mechattr.select(mechattr.load_effects(estimate_dir)["z"], top_k=2, significant_only=False)
+    assert metrics["sites"] == [str(s) for s in top] and delta.sites.sites == top.sites
+    assert delta.n_trained == metrics["n_trained"] == sum(int(m.sum()) for m in masks(smollm2, top).values())
+
+    tuned = delta.apply(mechattr.load_model("smollm2-135m"))
+    scores = task_scores(tuned, cause_effect(tuned, "heldout"))
+    assert scores["accuracy"] == pytest.approx(metrics["trained"]["heldout_accuracy"])
+    assert scores["metric"] == pytest.approx(metrics["trained"]["heldout_metric"], abs=1e-4)
+    assert len(metrics["losses"]) == 2 and not (tmp_path / "checkpoint.pt").exists()
+
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    rows = {r["method"]: r for r in table["rows"]}
+    assert list(rows) == ["precision", "random", "bottom-k", "lora", "full"]
+    assert rows["precision"]["n_trained"] == delta.n_trained
+    assert rows["precision"]["heldout_accuracy"] == pytest.approx(metrics["trained"]["heldout_accuracy"])
+    per_head = delta.n_trained / 2
+    assert abs(rows["random"]["n_trained"] - delta.n_trained) <= per_head
+    assert rows["full"]["n_trained"] == sum(p.numel() for p in smollm2.parameters())
+    assert "| precision |" in (tmp_path / "comparison.md").read_text()
+
+
+@pytest.mark.slow
+def test_distributed_patch_under_torchrun_equals_one_process(tmp_path, smollm2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mechattr.cli",
+               "patch", "--distributed", "--examples", "2", *SMALL[2:], "--out", str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = mechattr.load_effects(tmp_path)["z"]
+    task = ioi(smollm2, n=2, seed=0)
+    expected = mechattr.patch(smollm2, task, mechattr.grid(smollm2, "z", task.n_pos, layers=[28, 29]), progress=False)
+    torch.testing.assert_close(saved.per_example, expected.per_example, atol=1e-5, rtol=1e-5)
