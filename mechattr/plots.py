@@ -249,14 +249,17 @@ def heatmap(effects: Effects, value: str = "normalized", ax: Axes | None = None,
 
 
 def grids(effects_list: list[Effects], value: str = "normalized", ncols: int | None = None,
-          title: str | None = None, alpha: float | None = 0.05) -> Figure:
-    """Several grids (e.g. resid_pre, attn_out, z) side by side, `ncols` per row (default up to 3).
+          title: str | None = None, alpha: float | None = 0.05, titles: list[str] | None = None) -> Figure:
+    """Several grids (e.g. resid_pre, attn_out, z) side by side, `ncols` per row (default up to 3);
+    `titles` names the panels (default: their kinds).
 
     Panels whose colour bar labels agree (same metric and value kind) share one symmetric colour scale
     and one colour bar; otherwise each panel gets its own.
     """
     if not effects_list:
         raise ValueError("grids needs at least one Effects")
+    if titles is not None and len(titles) != len(effects_list):
+        raise ValueError(f"grids got {len(titles)} titles for {len(effects_list)} panels")
     matrices = [_matrix(e, value, alpha) for e in effects_list]
     ncols = min(len(matrices), 3) if ncols is None else ncols
     if ncols < 1:
@@ -271,9 +274,9 @@ def grids(effects_list: list[Effects], value: str = "normalized", ncols: int | N
     shared = len({m.label for m in matrices}) == 1
     vmax = _abs_max(matrices) if shared else None
     used = list(axes.flat[: len(matrices)])
-    for ax, m, e in zip(used, matrices, effects_list):
+    for ax, m, name in zip(used, matrices, titles or [e.kind for e in effects_list]):
         image = _draw(ax, m, vmax)
-        ax.set_title(e.kind, fontsize=11)
+        ax.set_title(name, fontsize=11)
         if not shared:
             _colorbar(fig, image, ax, m.label)
     if shared:

@@ -264,3 +264,12 @@ def test_grids_without_position_or_head_axes(tiny):
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1"] and len(ax.get_xticks()) == 0
     top, bottom = pixels(ax, (0, 0), (0, 1))
     assert reddish(top) and bluish(bottom)  # layer 0 is the top row
+
+
+def test_grids_panel_titles_can_be_given(tiny, tiny_task):
+    effects = [mechattr.patch(tiny, tiny_task, mechattr.grid(tiny, kind, tiny_task.n_pos), progress=False)
+               for kind in ("resid_pre", "attn_out")]
+    fig = plots.grids(effects, titles=["before", "after"])
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["before", "after"]
+    with pytest.raises(ValueError, match="1 titles for 2 panels"):
+        plots.grids(effects, titles=["one"])

@@ -80,3 +80,9 @@ def test_multi_token_answers_and_bad_files_are_named(smollm2, tmp_path):
         tasks.from_jsonl(smollm2, tmp_path / "missing.jsonl")
     with pytest.raises(TaskError, match="unknown task 'iou'; valid: ioi, facts"):
         tasks.by_name(smollm2, "iou")
+
+
+@pytest.mark.parametrize("build, n", [(tasks.ioi, 0), (tasks.facts, -1)])
+def test_built_in_tasks_refuse_a_non_positive_size(smollm2, build, n):
+    with pytest.raises(TaskError, match=f"n must be a positive number of examples, got {n}"):
+        build(smollm2, n=n)

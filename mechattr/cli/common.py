@@ -47,6 +47,8 @@ def task_of(model: Any, name: str, n: int, seed: int, split: str = "train") -> A
     from mechattr.finetune import cause_effect
 
     positive("--n", n)
+    if name not in ("ioi", "facts", "cause_effect") and not (name.endswith(".jsonl") or Path(name).exists()):
+        raise UsageError(f"unknown task {name!r}; valid: ioi, facts, cause_effect, or a path to a .jsonl file")
     if name == "cause_effect":
         return cause_effect(model, split, seed=seed)
     return tasks.by_name(model, name, n=n, seed=seed)

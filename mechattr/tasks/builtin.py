@@ -36,12 +36,18 @@ LANDMARKS = (
 FACT_TEMPLATE = "{subject} is located in the city of"
 
 
+def _check_n(task: str, n: int) -> None:
+    if n < 1:
+        raise TaskError(f"{task}: n must be a positive number of examples, got {n}")
+
+
 def ioi(model: Any, n: int = 8, seed: int = 0, templates: tuple[str, ...] = IOI_TEMPLATES) -> Task:
     """IOI: "When Mary and John went to the store, John gave a drink to" -> " Mary" (answer) vs " John".
 
     The corrupted prompt swaps the second subject mention to the other name ("..., Mary gave a drink
     to"), which flips the answer, so the clean-minus-corrupted logit difference is large.
     """
+    _check_n("ioi", n)
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -61,6 +67,7 @@ def facts(model: Any, n: int = 8, seed: int = 0) -> Task:
 
     Uses the largest group of landmarks whose prompts share one token length under the model's tokenizer.
     """
+    _check_n("facts", n)
     groups: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for subject, city in LANDMARKS:
         groups[model.to_tokens(FACT_TEMPLATE.format(subject=subject)).shape[1]].append((subject, city))
