@@ -18,7 +18,7 @@ export MPLBACKEND := Agg
 	touch $@
 
 demo: .venv/installed
-	.venv/bin/mechattr demo
+	.venv/bin/mechattr run --name demo
 
 test: .venv/installed
 	$(PY) -m pytest -q

@@ -1,5 +1,6 @@
 """The `mechattr` command line.
 
+    mechattr run        the main job: knowledge vs data, precision fine-tuning, re-attribution, report.md
     mechattr patch      exact activation patching over grids of sites
     mechattr attribute  gradient estimates of the same grids (atp, atp*, ig)
     mechattr verify     exact patching of an estimate's top sites and a sample of the rest
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from mechattr.cli import circuits, finetune, grids
+from mechattr.cli import circuits, finetune, grids, run as run_command
 from mechattr.cli.common import UsageError
 
 __all__ = ["main"]
@@ -27,7 +28,7 @@ EXIT_BAD_INPUT = 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechattr", description="Causal attribution for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (grids, circuits, finetune):
+    for module in (run_command, grids, circuits, finetune):
         module.add(sub)
     return parser
 

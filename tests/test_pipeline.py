@@ -1,0 +1,130 @@
+"""The main job end to end on the quick configuration: outputs agree with each other, reruns resume."""
+
+import json
+import re
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+import mechattr
+from mechattr.finetune import Delta, cause_effect
+from mechattr.pipeline import DELTA_FILE, STAGE_DIR, RunConfig, run, write_json
+
+
+@pytest.mark.parametrize("changes, field, options", [
+    ({"networks": ("asia", "asai")}, "networks", "sachs"),
+    ({"component_network": "nope"}, "component_network", "asia"),
+    ({"top_k": 0}, "top_k", "positive"),
+    ({"candidates": 2, "top_k": 4}, "candidates", "top_k=4"),
+    ({"networks": ("asia",), "reattribute": ("sachs",)}, "reattribute", "not in networks"),
+    ({"component_kinds": ("attention",)}, "component_kinds", "attn_out"),
+    ({"trials": 1}, "trials", "at least 2"),
+    ({"component_layers": (-1,)}, "component_layers", "None (every layer)"),
+])
+def test_bad_config_names_the_field(changes, field, options):
+    with pytest.raises(ValueError, match=rf"RunConfig\.{field}:.*{re.escape(options)}"):
+        RunConfig(**changes)
+
+
+def test_directory_of_another_configuration_is_refused(tmp_path):
+    write_json(tmp_path / "config.json", vars(RunConfig.quick()))
+    with pytest.raises(ValueError, match=r"another configuration.*'top_k': \(4, 3\)"):
+        run(RunConfig.quick(top_k=3), tmp_path, progress=False)
+
+
+def test_config_json_roundtrip():
+    config = RunConfig.quick(seeds=(3, 1), lr=3e-4)
+    assert RunConfig.from_json(json.dumps(vars(config))) == config
+
+
+@pytest.fixture(scope="module")
+def quick_run(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, run(RunConfig.quick(), out, progress=False, model=smollm2)
+
+
+def _report_cells(report: str, first_cell: str) -> list[str]:
+    """The cells of the first report table row starting with `first_cell`."""
+    line = next(x for x in report.splitlines() if x.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_outputs_are_complete(quick_run):
+    out, metrics = quick_run
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert all(log["status"] == "computed" for log in metrics["stages"].values())
+    assert set(metrics["stages"]) == {"table_before_cancer", "knowledge_before", "sites", "finetune", "delta",
+                                      "heldout", "knowledge_after", "table_after_cancer"}
+    report = (out / "report.md").read_text()
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert len(figures) >= 5 and all((out / f).is_file() and (out / f).stat().st_size > 1000 for f in figures)
+    loaded = mechattr.load_effects(out / "effects" / "knowledge_S3_before")
+    assert set(loaded) == {"attn_out"} and [s.layer for s in loaded["attn_out"].sites] == [0, 8, 16, 24]
+    assert loaded["attn_out"].clean_metric == pytest.approx(
+        metrics["knowledge"]["before"]["S3"]["kinds"]["attn_out"]["clean_metric"], abs=1e-6)
+    assert not (out / "finetune" / "precision.ckpt").exists()  # removed once the delta is saved
+
+
+@pytest.mark.slow
+def test_report_tables_match_metrics(quick_run):
+    out, metrics = quick_run
+    report = (out / "report.md").read_text()
+    table = metrics["tables"]["before"]["cancer"]
+    for key, label in (("S1", "raw"), ("S3", "omit knowledge"), ("S6", "random")):
+        tdr = table["settings"][key]["TDR"]
+        expected = f"{tdr['mean']:.3f} [{tdr['ci_low']:.3f}, {tdr['ci_high']:.3f}]"
+        assert _report_cells(report, f"{key} {label}")[1] == expected
+    cak = table["attributions"]["CAK"]
+    assert _report_cells(report, "CAK")[2:5] == [f"{cak['mean']:.3f}", f"{cak['sd']:.3f}",
+                                                  f"[{cak['ci_low']:.3f}, {cak['ci_high']:.3f}]"]
+    accuracy = metrics["finetune"]["heldout_accuracy"]["precision"]["mean"]
+    assert _report_cells(report, "precision")[1].startswith(f"{accuracy:.3f}")
+
+
+@pytest.mark.slow
+def test_attributions_follow_from_the_trials(quick_run):
+    out, metrics = quick_run
+    table = metrics["tables"]["before"]["cancer"]
+    trials = pd.read_csv(out / "tables" / "cancer_before" / "trials.csv")
+    tdr = trials.groupby("setting").TDR.mean()  # an independent read of the per-trial scores
+    for key in ("S1", "S2", "S3", "S6"):
+        assert table["settings"][key]["TDR"]["mean"] == pytest.approx(tdr[key], abs=1e-12)
+    s = table["settings"]
+    assert table["attributions"]["CAK"]["mean"] == pytest.approx(s["S1"]["TDR"]["mean"] - s["S3"]["TDR"]["mean"])
+    assert table["attributions"]["MAD"]["mean"] == pytest.approx(s["S3"]["TDR"]["mean"] - s["S6"]["TDR"]["mean"])
+    assert len(trials) == 6 * metrics["config"]["trials"]
+
+
+@pytest.mark.slow
+def test_delta_reproduces_heldout_accuracy(quick_run):
+    out, metrics = quick_run
+    model = Delta.load(out / DELTA_FILE).apply(mechattr.load_model("smollm2-135m"))
+    heldout = cause_effect(model, "heldout", heldout=0.3, seed=0)
+    with torch.no_grad():
+        last = model(heldout.clean)[:, -1]  # (n, vocab)
+    right = (last.gather(-1, heldout.answer[:, None]) > last.gather(-1, heldout.wrong[:, None])).float().mean()
+    precision = next(r for r in metrics["finetune"]["rows"] if r["method"] == "precision" and r["seed"] == 0)
+    assert float(right) == pytest.approx(precision["heldout_accuracy"], abs=1e-9)
+    assert float(right) == pytest.approx(metrics["delta"]["heldout"]["accuracy"], abs=1e-9)
+    assert float(right) == pytest.approx(metrics["heldout"]["tuned"]["accuracy"], abs=1e-9)
+    assert metrics["delta"]["n_trained"] == precision["n_trained"]
+    assert sorted(metrics["delta"]["sites"]) == sorted(metrics["sites"]["sites"]) == sorted(precision["sites"])
+
+
+@pytest.mark.slow
+def test_rerun_recomputes_only_the_missing_stage(quick_run, smollm2, tmp_path):
+    first_out, first = quick_run
+    out = tmp_path / "copy"
+    shutil.copytree(first_out, out)
+    (out / "effects" / "heldout_sites_after" / "effects.safetensors").unlink()
+    delta_mtime = (out / DELTA_FILE).stat().st_mtime_ns
+    again = run(RunConfig.quick(), out, progress=False, model=smollm2)
+    assert {name for name, log in again["stages"].items() if log["status"] == "computed"} == {"heldout"}
+    assert (out / DELTA_FILE).stat().st_mtime_ns == delta_mtime
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("stages", "wall_s")}  # noqa: E731
+    assert strip(again) == strip(first)
+    record = json.loads((out / STAGE_DIR / "heldout.json").read_text())
+    assert record["result"] == first["heldout"]
