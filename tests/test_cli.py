@@ -139,8 +139,8 @@ def test_finetune_delta_reproduces_its_metrics_and_compare_matches_sizes(estimat
 @pytest.mark.slow
 def test_distributed_patch_under_torchrun_equals_one_process(tmp_path, smollm2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mechattr.cli",
-               "patch", "--distributed", "--examples", "2", *SMALL[2:], "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "mechattr.cli", "patch", "--distributed", "--examples", "2", *SMALL[2:], "--out", str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     saved = mechattr.load_effects(tmp_path)["z"]

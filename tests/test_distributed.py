@@ -68,7 +68,7 @@ def ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
     (root / "worker.py").write_text(WORKER)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(root / "worker.py"), str(root)], capture_output=True, text=True, timeout=300)
+                           str(root / "worker.py"), str(root)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
