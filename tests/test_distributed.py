@@ -49,6 +49,7 @@ WORKER = textwrap.dedent("""
         except Exception as error:
             results[name] = f"{type(error).__name__}: {error}"
     torch.save({"world": dist.get_world_size(), "results": results}, f"{out}/rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()  # exiting with the group alive can abort in gloo's teardown
 """)
 
 

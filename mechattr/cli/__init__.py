@@ -56,5 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"mechattr {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Exiting with a torch.distributed group alive can abort in gloo's teardown; `--distributed` joins one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
