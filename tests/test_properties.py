@@ -339,6 +339,14 @@ def _run_cli(smollm2, root, argv: list[str]) -> tuple[int, str]:
     return status, err.getvalue().strip()
 
 
+def _ends_in_a_status(smollm2, root, argv: list[str]) -> None:
+    """The command line ends in exit 0, or in exit 2 with a message."""
+    status, message = _run_cli(smollm2, root, argv)
+    event(f"{argv[0] if argv else ''} exit {status}: {message.rpartition('error: ')[2][:25]}")
+    assert status in (0, 2), argv
+    assert status == 0 or message, argv
+
+
 @pytest.mark.slow
 @_settings(50)
 @given(command_lines())
@@ -347,10 +355,7 @@ def test_fuzzed_command_lines_end_in_a_status(smollm2, tmp_path_factory, argv):
     (root / "bad.jsonl").write_text('{"clean": 1}\n')
     (root / "good.jsonl").write_text(json.dumps({"clean": "The Eiffel Tower is in", "corrupt": "The Colosseum is in",
                                                  "answer": " Paris", "wrong": " Rome"}) + "\n")
-    status, message = _run_cli(smollm2, root, argv)
-    event(f"exit {status}: {message.rpartition('error: ')[2][:25]}")
-    assert status in (0, 2), argv
-    assert status == 0 or message, argv
+    _ends_in_a_status(smollm2, root, argv)
 
 
 @pytest.mark.slow
@@ -376,7 +381,4 @@ def test_fuzzed_research_command_lines_end_in_a_status(smollm2, tmp_path_factory
     mechattr.save_effects(root / "est", [estimate], model="smollm2-135m", task="ioi", task_spec="ioi", n=8, seed=0)
     blocks = _fake_patch(smollm2, task, mechattr.grid(smollm2, "mlp_out", task.n_pos, layers=[29]))
     mechattr.save_effects(root / "two", [estimate, blocks], model="smollm2-135m", task="ioi")
-    status, message = _run_cli(smollm2, root, argv)
-    event(f"{argv[0]} exit {status}: {message.rpartition('error: ')[2][:25]}")
-    assert status in (0, 2), argv
-    assert status == 0 or message, argv
+    _ends_in_a_status(smollm2, root, argv)
