@@ -153,7 +153,7 @@ def spearman_report(estimates, z, blocks):
 
 
 def circuit_report(model, task, method, directory):
-    from mechattr.attribution_plots import plot_circuit, plot_faithfulness
+    from mechattr.plots.estimates import plot_circuit, plot_faithfulness
     from mechattr.circuits import discover
 
     with Clock() as clock:

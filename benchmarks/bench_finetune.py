@@ -25,14 +25,15 @@ import torch.nn.functional as F
 import mechattr
 from mechattr.attribution import attribute
 from mechattr.effects import Effects
-from mechattr.finetune import (BottomSites, Full, LoRA, RandomSites, TopSites, TrainConfig, cause_effect, compare,
-                               full_masks, masks, n_trained, train)
-from mechattr.finetune.cause_effect import CAUSE_EFFECT_PAIRS
+from mechattr.finetune import (BottomSites, Full, LoRA, RandomSites, TopSites, TrainConfig, compare, full_masks, masks,
+                               n_trained, train)
 from mechattr.finetune.data import batch_indices
 from mechattr.finetune.memory import PeakMemory
 from mechattr.finetune.trainer import Callback
 from mechattr.selection import select
 from mechattr.sites import Site
+from mechattr.tasks import cause_effect
+from mechattr.tasks.cause_effect import CAUSE_EFFECT_PAIRS
 
 
 class StepTimer(Callback):

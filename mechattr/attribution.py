@@ -23,88 +23,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechattr.effects import Effects
-from mechattr.interventions import Denoise, Intervention, Mean, Noise, Resample, Zero
-from mechattr.sites import KINDS, Grid, Site, model_shape, validate
+from mechattr.interventions import INTERVENTIONS, Denoise, Intervention
+from mechattr.runs import Pass, Runs, final_hook, gradient_pass, unpatched
+from mechattr.sites import KINDS, Grid, Site, hook_name, model_shape, validate
 from mechattr.tasks import Task
 
-__all__ = ["attribute", "METHODS", "gradient_pass", "GradientPass"]
+__all__ = ["attribute", "METHODS"]
 
 METHODS = ("atp", "atp*", "ig")
 _MAX_ROWS = 256  # rows of one gradient pass (ig stacks its steps as rows)
 _PATTERN_TOLERANCE = 1e-4  # largest |pattern error| at which the QK fix trusts its own softmax
-
-
-class _Stop(Exception):
-    """Raised by the last block's hook: the metric needs only the last position's logits."""
-
-
-@dataclass
-class GradientPass:
-    """One forward and backward of a batch: activations, metric per row, and metric gradients."""
-
-    metric: Float[Tensor, " rows"] | None  # None without a backward
-    logits: Float[Tensor, "rows vocab"]  # last position
-    acts: dict[str, Tensor]  # hook name -> activation [rows, *act]
-    grads: dict[str, Tensor]  # hook name -> d sum(metric) / d activation [rows, *act]
-    live: dict[str, Tensor]  # hook name -> the graph's tensor (only with keep_graph)
-
-
-def _final_hook(model: Any) -> str:
-    return f"blocks.{model_shape(model)['n_layers'] - 1}.hook_resid_post"
-
-
-def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[str],
-                  metric: Callable[[Tensor], Tensor] | None, *, optional: Sequence[str] = (),
-                  embed: Callable[[Tensor], Tensor] | None = None, keep_graph: bool = False) -> GradientPass:
-    """Run `tokens` with a zero probe added at each hook in `names` and differentiate sum(metric(logits)).
-
-    The gradient at a probe is the gradient at the activation, on every hook the model lets a hook
-    rewrite (the bridge reshapes some activations before hooks see them, so `retain_grad` on the
-    hooked tensor would not work). `metric` maps last-position logits [rows, vocab] to [rows]; rows do
-    not interact, so the gradient of the sum is each row's own gradient; None = no backward (grads
-    empty). Hooks in `optional` are recorded only if the model fires them. `embed` rewrites the token
-    embeddings first (ig's path). With `keep_graph` the graph stays alive for more backwards.
-    """
-    final = _final_hook(model)
-    optional = [n for n in optional if n in model.hook_dict]
-    names = list(dict.fromkeys([*names, *optional, final]))
-    acts, probes, live = {}, {}, {}
-
-    def probe(name):
-        def hook(act, hook):
-            if name == "hook_embed" and embed is not None:
-                act = embed(act)
-            acts[name] = act.detach()
-            if metric is None:
-                live[name] = act
-            else:
-                probes[name] = torch.zeros_like(act, requires_grad=True)
-                live[name] = act + probes[name]
-            if name == final:
-                raise _Stop
-            return live[name]
-        return hook
-
-    hooks = [(name, probe(name)) for name in names]
-    if embed is not None and "hook_embed" not in names:
-        hooks.append(("hook_embed", lambda act, hook: embed(act)))
-    with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=hooks):
-        try:
-            model(tokens)
-        except _Stop:
-            pass
-        missing = set(names) - set(live) - set(optional)
-        if missing:
-            raise ValueError(f"the model has no hook point(s) {sorted(missing)}; check the site kinds")
-        logits = model.unembed(model.ln_final(live[final][:, -1:]))[:, 0].float()
-        if metric is None:
-            return GradientPass(None, logits, acts, {}, {})
-        values = metric(logits)
-        fired = [n for n in names if n in probes]
-        grads = torch.autograd.grad(values.sum(), [probes[n] for n in fired], retain_graph=keep_graph,
-                                    allow_unused=True)
-    grads = {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(fired, grads)}
-    return GradientPass(values.detach(), logits.detach(), acts, grads, live if keep_graph else {})
 
 
 # Per-site reduction ------------------------------------------------------------------------------
@@ -124,7 +52,7 @@ def _lookup(kind: str, table: Tensor, sites: Sequence[Site], all_pos: Tensor | N
     summed, except that `all_pos` [n, *other dims] replaces the sum over positions when given
     (patching every position at once is not the sum of patching each one where the QK fix applies)."""
     dims = _named_dims(kind)
-    out = torch.empty(len(sites), table.shape[0], dtype=table.dtype)
+    out = torch.empty(len(sites), table.shape[0], dtype=table.dtype, device=table.device)
     groups: dict[tuple[bool, ...], list[int]] = {}
     for i, site in enumerate(sites):
         groups.setdefault(tuple(getattr(site, d) is None for d in dims), []).append(i)
@@ -135,7 +63,7 @@ def _lookup(kind: str, table: Tensor, sites: Sequence[Site], all_pos: Tensor | N
         for axis in reversed([i for i, d in enumerate(kept) if free[dims.index(d)]]):
             t = t.sum(axis + 1)
             kept.pop(axis)
-        index = [torch.tensor([getattr(sites[i], d) for i in members]) for d in kept]
+        index = [torch.tensor([getattr(sites[i], d) for i in members], device=table.device) for d in kept]
         out[members] = (t[(slice(None), *index)] if index else t[:, None].expand(-1, len(members))).T
     return out
 
@@ -163,27 +91,22 @@ def _scores(q: Tensor, k: Tensor) -> Tensor:
     k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
     n_pos = q.shape[1]
-    return s.masked_fill(torch.ones(n_pos, n_pos, dtype=torch.bool).triu(1), float("-inf"))
-
-
-# Rotary embeddings are a fixed linear map per position, so the rotated activation of these
-# interventions is the intervention of the rotated activations (a per-example mean, a permutation
-# of examples, or one of the two runs).
-_COMMUTE_WITH_ROTARY = (Denoise, Noise, Zero, Mean, Resample)
+    return s.masked_fill(torch.ones(n_pos, n_pos, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
 
 
 def _qk_terms(layer, groups, base, source, intervention) -> list[_Term]:
     """Terms for the q and k sites of one layer: the pattern under the patched queries or keys is
     computed exactly, then linearised: change = sum (pattern_new - pattern) * d metric / d pattern."""
-    prefix = f"blocks.{layer}.attn."
-    rotary = prefix + "hook_rot_q" in base
-    q_hook, k_hook = (prefix + "hook_rot_q", prefix + "hook_rot_k") if rotary else (prefix + "hook_q", prefix + "hook_k")
-    q, k, pattern = base[q_hook], base[k_hook], base[prefix + "hook_pattern"]
+    rotary = hook_name("rot_q", layer) in base
+    q_hook, k_hook = (hook_name(k, layer) for k in (("rot_q", "rot_k") if rotary else ("q", "k")))
+    pattern_hook = hook_name("pattern", layer)
+    q, k, pattern = base[q_hook], base[k_hook], base[pattern_hook]
     site = next(s for _, sites in groups.values() for s in sites)
-    if rotary and not isinstance(intervention, _COMMUTE_WITH_ROTARY):
+    if rotary and not intervention.commutes_with_rotary:
+        valid = [name for name, cls in INTERVENTIONS.items() if cls.commutes_with_rotary]
         raise ValueError(f"atp* cannot estimate site {site} under {intervention.name!r}: with rotary embeddings "
-                         f"its QK fix needs an intervention that commutes with them "
-                         f"({', '.join(c.name for c in _COMMUTE_WITH_ROTARY)}); use method='atp' for this site")
+                         f"its QK fix needs an intervention that commutes with them ({', '.join(valid)}); use "
+                         "method='atp' for this site")
     error = float((_scores(q, k).softmax(-1) - pattern).abs().max())
     if error > _PATTERN_TOLERANCE:
         raise ValueError(f"atp* cannot estimate site {site}: its QK fix rebuilds the attention softmax from the "
@@ -201,13 +124,13 @@ def _qk_terms(layer, groups, base, source, intervention) -> list[_Term]:
         def contract_q(g, dq=dq, sites=sites):
             table = (dq * g).sum(-1).transpose(1, 2)  # (n, T, H)
             return _lookup("q", table, sites)
-        terms.append(_Term(index, layer, prefix + "hook_pattern", contract_q))
+        terms.append(_Term(index, layer, pattern_hook, contract_q))
     if "k" in groups:
         index, sites = groups["k"]
         base_scores, new_scores = _scores(q, k), _scores(q, intervention(k, source[k_hook]))
         n_pos, n_kv = k.shape[1], k.shape[2]
         # Patching key s replaces column s of every row's logits: (n, H, s, T, S).
-        one_key = torch.eye(n_pos, dtype=torch.bool)[:, None, :]
+        one_key = torch.eye(n_pos, dtype=torch.bool, device=k.device)[:, None, :]
         dk = torch.where(one_key, new_scores[:, :, None], base_scores[:, :, None]).softmax(-1) - pattern[:, :, None]
         dk_all = new_scores.softmax(-1) - pattern  # every key patched at once
 
@@ -217,7 +140,7 @@ def _qk_terms(layer, groups, base, source, intervention) -> list[_Term]:
             table = per_head.reshape(n, n_kv, -1, n_pos).sum(2).transpose(1, 2)  # (n, s, kv)
             all_pos = (dk_all * g).sum((-1, -2)).reshape(n, n_kv, -1).sum(2)  # (n, kv)
             return _lookup("k", table, sites, all_pos)
-        terms.append(_Term(index, layer, prefix + "hook_pattern", contract_k))
+        terms.append(_Term(index, layer, pattern_hook, contract_k))
     return terms
 
 
@@ -233,32 +156,29 @@ def _terms(grid, base, source, intervention, qk_fix: bool) -> list[_Term]:
             by_layer.setdefault(layer, {})[kind] = (index, sites)
             continue
         hook = sites[0].hook
-        terms.append(_plain_term(index, sites, intervention(base[hook], source[hook]) - base[hook]))
+        # float32 products: a half-precision sum over d_model would round away small effects.
+        terms.append(_plain_term(index, sites, (intervention(base[hook], source[hook]) - base[hook]).float()))
     for layer, qk in by_layer.items():
         terms.extend(_qk_terms(layer, qk, base, source, intervention))
     return terms
 
 
 def _estimate(terms: list[_Term], grads: dict[str, Tensor], n_sites: int, n: int) -> Tensor:
-    out = torch.zeros(n_sites, n)
+    out = torch.zeros(n_sites, n, device=next(iter(grads.values())).device)
     for term in terms:
-        out[term.index] = term.contract(grads[term.hook]).float()
+        out[term.index] = term.contract(grads[term.hook].float()).float()
     return out
 
 
 def _qk_hooks(grid: Grid) -> tuple[set[str], set[str]]:
     """Hooks the QK fix reads: always, and where the model fires them (rotated queries and keys)."""
     layers = {s.layer for s in grid if s.kind in ("q", "k")}
-    always = {f"blocks.{layer}.attn.{name}" for layer in layers for name in ("hook_q", "hook_k", "hook_pattern")}
-    rotary = {f"blocks.{layer}.attn.{name}" for layer in layers for name in ("hook_rot_q", "hook_rot_k")}
+    always = {hook_name(kind, layer) for layer in layers for kind in ("q", "k", "pattern")}
+    rotary = {hook_name(kind, layer) for layer in layers for kind in ("rot_q", "rot_k")}
     return always, rotary
 
 
-def _resid_hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_pre"
-
-
-def _graddrop(model: Any, run: GradientPass, terms: list[_Term], plain: Tensor) -> Tensor:
+def _graddrop(model: Any, run: Pass, terms: list[_Term], plain: Tensor) -> Tensor:
     """GradDrop magnitude per site and example: mean over the layers l other than the site's own of
     |estimate with the gradient through block l's outputs dropped| [sites, n].
 
@@ -268,7 +188,7 @@ def _graddrop(model: Any, run: GradientPass, terms: list[_Term], plain: Tensor) 
     n_layers = model_shape(model)["n_layers"]
     if n_layers < 2:
         raise ValueError("atp* needs a model with at least 2 layers: GradDrop averages over the other layers")
-    layer = torch.zeros(plain.shape[0], 1)
+    layer = torch.zeros(plain.shape[0], 1, device=plain.device)
     for term in terms:
         layer[term.index] = float(term.layer)
     total = layer * plain.abs()  # every dropped layer before a site's own leaves its estimate unchanged
@@ -276,9 +196,9 @@ def _graddrop(model: Any, run: GradientPass, terms: list[_Term], plain: Tensor) 
         below = [t for t in terms if t.layer < dropped]
         if not below:
             continue
-        after = _resid_hook(dropped + 1) if dropped + 1 < n_layers else _final_hook(model)
+        after = hook_name("resid_pre", dropped + 1) if dropped + 1 < n_layers else final_hook(model)
         names = sorted({t.hook for t in below})
-        grads = torch.autograd.grad(run.live[_resid_hook(dropped)], [run.live[n] for n in names],
+        grads = torch.autograd.grad(run.live[hook_name("resid_pre", dropped)], [run.live[n] for n in names],
                                     grad_outputs=run.grads[after], retain_graph=True, allow_unused=True)
         grads = {n: torch.zeros_like(run.acts[n]) if g is None else g for n, g in zip(names, grads)}
         total += _estimate(below, grads, plain.shape[0], plain.shape[1]).abs()
@@ -288,43 +208,35 @@ def _graddrop(model: Any, run: GradientPass, terms: list[_Term], plain: Tensor) 
 def _check(method: str, intervention: Intervention, steps: int) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; valid: {', '.join(METHODS)}")
-    if method == "ig" and not isinstance(intervention, (Denoise, Noise)):
+    if method == "ig" and not intervention.takes_source:
         raise ValueError(f"method 'ig' integrates along the path between the clean and corrupted inputs, so it "
                          f"estimates only Denoise() or Noise(), not {intervention.name!r}; use 'atp' or 'atp*'")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
-def _metric_fn(task: Task, reference: Tensor | None, copies: int) -> Callable[[Tensor], Tensor]:
-    """Per-row metric of stacked copies of the task; reference None = the rows' own (clean) logits."""
-    answer, wrong = task.answer.repeat(copies), task.wrong.repeat(copies)
-    if reference is None:
-        return lambda logits: task.metric(logits, answer, wrong, logits.detach().log_softmax(-1))
-    reference = reference.repeat(copies, 1)
-    return lambda logits: task.metric(logits, answer, wrong, reference)
-
-
-def _ig_pass(model: Any, task: Task, base_tokens: Tensor, names: set[str], source_embed: Tensor,
-             reference: Tensor | None, steps: int, reduce: Callable[[GradientPass], dict[str, Tensor]] | None = None,
-             max_rows: int = _MAX_ROWS) -> GradientPass:
-    """Gradients averaged over `steps` points alpha = 0, 1/steps, ... on the embedding path; the
-    activations and metric are the base run's (alpha = 0). `reduce` maps each pass to per-row tensors
-    to average instead of its gradients (for quantities that need each point's activations)."""
+def ig_pass(runs: Runs, names: set[str], steps: int,
+            reduce: Callable[[Pass], dict[str, Tensor]] | None = None, max_rows: int = _MAX_ROWS) -> Pass:
+    """Gradients averaged over `steps` points alpha = 0, 1/steps, ... on the path from the base run's token
+    embeddings to the source run's (`runs` recorded "hook_embed"); the activations and metric are the base
+    run's (alpha = 0). `reduce` maps each pass to per-row tensors to average instead of its gradients (for
+    quantities that need each point's activations)."""
+    base_tokens, source_embed = runs.task.tokens(runs.base_run), runs.source.acts["hook_embed"]
     n = base_tokens.shape[0]
     per_pass = max(1, max_rows // n)
     first, sums = None, {}
     for start in range(0, steps, per_pass):
         alpha = torch.arange(start, min(steps, start + per_pass), dtype=source_embed.dtype) / steps
         copies = len(alpha)
-        shift = alpha.repeat_interleave(n)[:, None, None]  # (rows, 1, 1), copy-major rows
-        path = lambda act, shift=shift, copies=copies: act + shift * (source_embed.repeat(copies, 1, 1) - act)  # noqa: E731
-        run = gradient_pass(model, base_tokens.repeat(copies, 1), sorted(names),
-                            _metric_fn(task, reference, copies), embed=path)
+        shift = alpha.repeat_interleave(n)[:, None, None].to(source_embed.device)  # (rows, 1, 1), copy-major rows
+        target = source_embed.repeat(copies, 1, 1)
+        path = lambda act, shift=shift, target=target: act + shift * (target - act)  # noqa: E731
+        run = gradient_pass(runs.model, base_tokens.repeat(copies, 1), sorted(names), runs.readout(), embed=path)
         first = run if first is None else first
         for name, g in (run.grads if reduce is None else reduce(run)).items():
             sums[name] = sums.get(name, 0) + g.reshape(copies, n, *g.shape[1:]).sum(0)
     acts = {name: a[:n] for name, a in first.acts.items()}
-    return GradientPass(first.metric[:n], first.logits[:n], acts, {k: v / steps for k, v in sums.items()}, {})
+    return Pass(first.metric[:n], first.logits[:n], acts, {k: v / steps for k, v in sums.items()}, {})
 
 
 def attribute(model: Any, task: Task, sites: Grid | Sequence[Site], method: str = "atp", *, steps: int = 8,
@@ -341,32 +253,22 @@ def attribute(model: Any, task: Task, sites: Grid | Sequence[Site], method: str 
     grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
     _check(method, intervention, steps)
     validate(grid.sites, model, task.n_pos)
-    base_run = intervention.base_run
-    source_run = "clean" if base_run == "corrupt" else "corrupt"
     qk, rotary = _qk_hooks(grid) if method == "atp*" else (set(), set())
     names = {s.hook for s in grid} | qk
-    source_names = names - {h for h in qk if h.endswith("hook_pattern")} | ({"hook_embed"} if method == "ig" else set())
-    source = gradient_pass(model, task.tokens(source_run), sorted(source_names), None, optional=sorted(rotary))
-    reference = source.logits.log_softmax(-1) if source_run == "clean" else None
-    base_tokens = task.tokens(base_run)
+    patterns = {h for h in qk if h.endswith("hook_pattern")}  # read in the base run only
+    graddrop = graddrop and method == "atp*"
     if method == "ig":
-        if reference is None:  # the path leaves the clean run, so its reference needs its own forward
-            reference = gradient_pass(model, task.clean, [], None).logits.log_softmax(-1)
-        run = _ig_pass(model, task, base_tokens, names, source.acts["hook_embed"], reference, steps)
+        runs = unpatched(model, task, intervention, sorted(names | {"hook_embed"}))
+        run = ig_pass(runs, names, steps)
     else:
-        graddrop = graddrop and method == "atp*"
-        extra = {_resid_hook(layer) for layer in range(model_shape(model)["n_layers"])} if graddrop else set()
-        run = gradient_pass(model, base_tokens, sorted(names | extra), _metric_fn(task, reference, 1),
-                            optional=sorted(rotary), keep_graph=graddrop)
-    terms = _terms(grid, run.acts, source.acts, intervention, qk_fix=method == "atp*")
+        layers = range(model_shape(model)["n_layers"]) if graddrop else ()
+        extra = {hook_name("resid_pre", layer) for layer in layers}
+        runs = unpatched(model, task, intervention, sorted(names - patterns), base_hooks=sorted(patterns | extra),
+                         gradients=True, optional=sorted(rotary), keep_graph=graddrop)
+        run = runs.base
+    terms = _terms(grid, run.acts, runs.source.acts, intervention, qk_fix=method == "atp*")
     change = _estimate(terms, run.grads, len(grid), task.n_examples)  # (sites, n)
-    if method == "atp*" and graddrop:
+    if graddrop:
         change = change.sign() * _graddrop(model, run, terms, change)
-    reference = run.logits.log_softmax(-1) if reference is None else reference
-    metrics = {base_run: run.metric, source_run: task.metric(source.logits, task.answer, task.wrong, reference)}
-    per_example = (run.metric[None] + change).reshape(*grid.shape, task.n_examples)
-    return Effects(values=per_example.mean(-1), per_example=per_example, clean=metrics["clean"],
-                   corrupt=metrics["corrupt"], grid=grid, base_run=base_run, metric=task.metric.name,
-                   intervention=intervention.name, method=method, str_tokens=task.str_tokens,
-                   meta={"task": task.name, **({"steps": steps} if method == "ig" else {}),
-                         **({"graddrop": graddrop} if method == "atp*" else {})})
+    meta = {"steps": steps} if method == "ig" else {"graddrop": graddrop} if method == "atp*" else {}
+    return Effects.of(runs, grid, runs.base_metric[None] + change, intervention, method, **meta)

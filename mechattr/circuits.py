@@ -23,29 +23,21 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mechattr.attribution import attribute, gradient_pass
-from mechattr.edges import Edge, EdgeAblator, all_edges, attribute_edges
+from mechattr.ablation import EdgeAblator
+from mechattr.attribution import attribute
+from mechattr.edges import attribute_edges
+from mechattr.effects import normalize
+from mechattr.graph import Edge, all_edges, nodes, unit_from_json
 from mechattr.interventions import Intervention, Noise
-from mechattr.patching import Forward, metric_readout, run_cells
-from mechattr.sites import Site, model_shape
+from mechattr.patching import run_cells
+from mechattr.runs import Runs, unpatched
+from mechattr.sites import Site, hook_name, model_shape
+from mechattr.storage import write_json
 from mechattr.tasks import Task
 
-__all__ = ["Circuit", "discover", "nodes", "node_faithfulness", "edge_faithfulness"]
+__all__ = ["Circuit", "discover", "node_faithfulness", "edge_faithfulness", "LEVELS"]
 
 LEVELS = ("node", "edge")
-
-
-def nodes(model: Any) -> list[Site]:
-    """The node graph: the embedding, then per layer every head's output and the MLP."""
-    shape = model_shape(model)
-    out = [Site("embed")]
-    for layer in range(shape["n_layers"]):
-        out += [Site("z", layer, head=h) for h in range(shape["n_heads"])] + [Site("mlp_out", layer)]
-    return out
-
-
-def _site_json(site: Site) -> list:
-    return [site.kind, site.layer, site.pos, site.head, site.neuron]
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +47,7 @@ class Circuit:
     level: str  # "node" or "edge"
     nodes: tuple[Site, ...]  # the kept nodes (edge level: every endpoint of a kept edge)
     edges: tuple[Edge, ...]  # the kept edges (empty at node level)
-    ranking: tuple  # all candidates (Sites or Edges), highest |attribution| first
+    ranking: tuple[Site, ...] | tuple[Edge, ...]  # all candidates (nodes or edges), highest |attribution| first
     scores: tuple[float, ...]  # their attribution estimates of the ablation's effect, same order
     sizes: tuple[int, ...]  # n along the curve: the top-n candidates kept
     curve: tuple[float, ...]  # faithfulness with the top-n kept, per size
@@ -63,6 +55,14 @@ class Circuit:
     clean_metric: float
     corrupt_metric: float
     meta: dict[str, Any] = field(default_factory=dict)  # method, ablation, threshold, target, task
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"unknown circuit level {self.level!r}; valid: {', '.join(LEVELS)}")
+        unit = Site if self.level == "node" else Edge
+        wrong = [c for c in self.ranking if not isinstance(c, unit)]
+        if wrong:
+            raise ValueError(f"a {self.level}-level circuit ranks {unit.__name__}s, got {wrong[0]!r}")
 
     @property
     def auc(self) -> float:
@@ -78,17 +78,14 @@ class Circuit:
         return [s for s in self.nodes if s.kind == "z"]
 
     def save(self, directory: str | Path) -> Path:
-        """Write `circuit.json` into `directory`."""
+        """Write `circuit.json` into `directory` (atomically)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        encode = (lambda c: _site_json(c)) if self.level == "node" else (
-            lambda e: [_site_json(e.sender), _site_json(e.receiver)])
-        data = {"level": self.level, "nodes": [_site_json(s) for s in self.nodes],
-                "edges": [[_site_json(e.sender), _site_json(e.receiver)] for e in self.edges],
-                "ranking": [encode(c) for c in self.ranking], "scores": list(self.scores), "sizes": list(self.sizes),
-                "curve": list(self.curve), "faithfulness": self.faithfulness, "auc": self.auc,
-                "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric, "meta": self.meta}
-        (directory / "circuit.json").write_text(json.dumps(data, indent=1))
+        data = {"level": self.level, "nodes": [s.to_json() for s in self.nodes],
+                "edges": [e.to_json() for e in self.edges], "ranking": [c.to_json() for c in self.ranking],
+                "scores": list(self.scores), "sizes": list(self.sizes), "curve": list(self.curve),
+                "faithfulness": self.faithfulness, "auc": self.auc, "clean_metric": self.clean_metric,
+                "corrupt_metric": self.corrupt_metric, "meta": self.meta}
+        write_json(directory / "circuit.json", data, indent=1)
         return directory
 
     @classmethod
@@ -97,89 +94,55 @@ class Circuit:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; save a circuit there with Circuit.save()")
         data = json.loads(path.read_text())
-        site = lambda v: Site(*v)  # noqa: E731
-        edge = lambda v: Edge(site(v[0]), site(v[1]))  # noqa: E731
-        decode = site if data["level"] == "node" else edge
-        return cls(level=data["level"], nodes=tuple(map(site, data["nodes"])), edges=tuple(map(edge, data["edges"])),
-                   ranking=tuple(map(decode, data["ranking"])), scores=tuple(data["scores"]),
-                   sizes=tuple(data["sizes"]), curve=tuple(data["curve"]), faithfulness=data["faithfulness"],
-                   clean_metric=data["clean_metric"], corrupt_metric=data["corrupt_metric"], meta=data["meta"])
+        return cls(level=data["level"], nodes=tuple(map(Site.from_json, data["nodes"])),
+                   edges=tuple(map(unit_from_json, data["edges"])), ranking=tuple(map(unit_from_json, data["ranking"])),
+                   scores=tuple(data["scores"]), sizes=tuple(data["sizes"]), curve=tuple(data["curve"]),
+                   faithfulness=data["faithfulness"], clean_metric=data["clean_metric"],
+                   corrupt_metric=data["corrupt_metric"], meta=data["meta"])
 
 
 # Exact evaluation --------------------------------------------------------------------------------
 
-@dataclass
-class _NodeRuns:
-    """The base run's forward and caches, and every node's ablated value."""
+class _NodeEvaluator:
+    """The metric [circuits, n] of the base run with every candidate node outside each circuit ablated,
+    from one pair of unpatched runs."""
 
-    forward: Forward
-    resid: dict[str, Tensor]
-    values: dict[Site, Tensor]
-    reference: Tensor
-    base: Tensor  # per-example metric of the base run
-    clean: Tensor
-    corrupt: Tensor
+    def __init__(self, model: Any, task: Task, candidates: Sequence[Site], ablation: Intervention):
+        layers = range(model_shape(model)["n_layers"])
+        names = sorted({s.hook for s in candidates} | {hook_name("resid_pre", layer) for layer in layers})
+        self.runs: Runs = unpatched(model, task, ablation, names)
+        self.values = {s: self.runs.value(ablation, s) for s in candidates}
+        # Cells never resume at block 0: the embedding runs before it, so an embed patch needs the full forward.
+        self.resid = self.runs.resid(layers[1:])
 
-
-def _node_runs(model: Any, task: Task, candidates: Sequence[Site], ablation: Intervention) -> _NodeRuns:
-    base_run = ablation.base_run
-    source_run = "clean" if base_run == "corrupt" else "corrupt"
-    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(model_shape(model)["n_layers"])]
-    names = sorted({s.hook for s in candidates} | set(resid))
-    base = gradient_pass(model, task.tokens(base_run), names, None)
-    source = gradient_pass(model, task.tokens(source_run), names, None)
-    logits = {base_run: base.logits, source_run: source.logits}
-    reference = logits["clean"].log_softmax(-1)
-    metric = {run: task.metric(lg, task.answer, task.wrong, reference) for run, lg in logits.items()}
-    values = {}
-    for s in candidates:
-        where = (slice(None),) + s.index
-        values[s] = ablation(base.acts[s.hook][where], source.acts[s.hook][where])
-    # Cells never resume at block 0: the embedding runs before it, so an embed patch needs the full forward.
-    return _NodeRuns(Forward(model, task.tokens(base_run)), {h: base.acts[h] for h in resid[1:]}, values, reference,
-                     metric[base_run], metric["clean"], metric["corrupt"])
+    def __call__(self, circuits: Sequence[set[Site]]) -> Tensor:
+        cells = [[(s, v) for s, v in self.values.items() if s not in circuit] for circuit in circuits]
+        out = torch.empty(len(circuits), self.runs.task.n_examples, device=self.runs.reference.device)
+        todo = [i for i, c in enumerate(cells) if c]
+        out[[i for i, c in enumerate(cells) if not c]] = self.runs.base_metric  # nothing ablated: the base run
+        if todo:
+            out[todo] = run_cells(self.runs.forward, [cells[i] for i in todo], self.resid, self.runs.readout(),
+                                  desc="circuits")
+        return out
 
 
-def _faithfulness(task: Task, metric: Tensor, clean: Tensor, corrupt: Tensor) -> list[float]:
+def _faithfulness(task: Task, metric: Tensor, runs: Runs) -> list[float]:
     """Per circuit [circuits, n] -> fraction of the mean clean-minus-corrupted gap kept."""
-    gap = float(clean.mean() - corrupt.mean())
-    if abs(gap) < 1e-12:
-        raise ValueError(f"task {task.name!r}: clean and corrupted metrics are equal; faithfulness is undefined")
-    return ((metric.mean(-1) - corrupt.mean()) / gap).tolist()
-
-
-def _node_metric(task: Task, runs: _NodeRuns, circuits: Sequence[set[Site]]) -> Tensor:
-    """Metric [circuits, n] of the base run with every node outside each circuit ablated."""
-    cells = [[(s, v) for s, v in runs.values.items() if s not in circuit] for circuit in circuits]
-    out = torch.empty(len(circuits), task.n_examples)
-    todo = [i for i, c in enumerate(cells) if c]
-    out[[i for i, c in enumerate(cells) if not c]] = runs.base  # nothing ablated: the base run itself
-    if todo:
-        out[todo] = run_cells(runs.forward, [cells[i] for i in todo], runs.resid,
-                              metric_readout(task, runs.reference), desc="circuits")
-    return out
-
-
-def _baselines(model: Any, task: Task) -> tuple[Tensor, Tensor]:
-    """Per-example metric of the clean and the corrupted run."""
-    clean = gradient_pass(model, task.clean, [], None).logits
-    corrupt = gradient_pass(model, task.corrupt, [], None).logits
-    reference = clean.log_softmax(-1)
-    return tuple(task.metric(lg, task.answer, task.wrong, reference) for lg in (clean, corrupt))
+    return normalize(metric.mean(-1), runs.clean, runs.corrupt, f"task {task.name!r}").tolist()
 
 
 def node_faithfulness(model: Any, task: Task, circuits: Sequence[set[Site]], ablation: Intervention = Noise(),
                       candidates: Sequence[Site] | None = None) -> list[float]:
     """Faithfulness of each node circuit: the base run with every candidate node outside it ablated."""
-    runs = _node_runs(model, task, list(candidates or nodes(model)), ablation)
-    return _faithfulness(task, _node_metric(task, runs, circuits), runs.clean, runs.corrupt)
+    evaluate = _NodeEvaluator(model, task, list(candidates or nodes(model)), ablation)
+    return _faithfulness(task, evaluate(circuits), evaluate.runs)
 
 
 def edge_faithfulness(model: Any, task: Task, circuits: Sequence[set[Edge]], ablation: Intervention = Noise(),
                       edges: Sequence[Edge] | None = None) -> list[float]:
     """Faithfulness of each edge circuit: the base run with every edge outside it ablated."""
-    clean, corrupt = _baselines(model, task)
-    return _faithfulness(task, EdgeAblator(model, task, ablation, edges)(circuits), clean, corrupt)
+    ablator = EdgeAblator(model, task, ablation, edges)
+    return _faithfulness(task, ablator(circuits), ablator.runs)
 
 
 # Discovery ----------------------------------------------------------------------------------------
@@ -213,15 +176,13 @@ def discover(model: Any, task: Task, level: str = "node", *, method: str = "atp"
     if level == "node":
         candidates = nodes(model)
         scores = attribute(model, task, candidates, method, intervention=ablation).effect
-        runs = _node_runs(model, task, candidates, ablation)
-        clean, corrupt = runs.clean, runs.corrupt
-        evaluate = lambda circuits: _faithfulness(task, _node_metric(task, runs, circuits), clean, corrupt)  # noqa: E731
+        ablate = _NodeEvaluator(model, task, candidates, ablation)
     else:
         candidates = all_edges(model)
         scores = attribute_edges(model, task, candidates, method, intervention=ablation).effect
-        ablator = EdgeAblator(model, task, ablation, candidates)
-        clean, corrupt = _baselines(model, task)
-        evaluate = lambda circuits: _faithfulness(task, ablator(circuits), clean, corrupt)  # noqa: E731
+        ablate = EdgeAblator(model, task, ablation, candidates)
+    runs = ablate.runs
+    evaluate = lambda circuits: _faithfulness(task, ablate(circuits), runs)  # noqa: E731
     order = scores.abs().argsort(descending=True).tolist()
     ranking = [candidates[i] for i in order]
     sizes = _sizes(len(ranking), points)
@@ -233,8 +194,8 @@ def discover(model: Any, task: Task, level: str = "node", *, method: str = "atp"
     kept_nodes = kept if level == "node" else list(dict.fromkeys(s for e in kept for s in (e.sender, e.receiver)))
     return Circuit(level=level, nodes=tuple(kept_nodes), edges=tuple(kept) if level == "edge" else (),
                    ranking=tuple(ranking), scores=tuple(scores[order].tolist()), sizes=tuple(sizes),
-                   curve=tuple(curve), faithfulness=final, clean_metric=float(clean.mean()),
-                   corrupt_metric=float(corrupt.mean()),
+                   curve=tuple(curve), faithfulness=final, clean_metric=float(runs.clean.mean()),
+                   corrupt_metric=float(runs.corrupt.mean()),
                    meta={"task": task.name, "method": method, "ablation": ablation.name, "target": target,
                          "threshold": threshold, "n_layers": model_shape(model)["n_layers"],
                          "n_heads": model_shape(model)["n_heads"]})

@@ -1,7 +1,8 @@
-"""Effects: the labelled result of patching or attribution over a grid of sites.
+"""Effects: the labelled result of patching or attribution over a grid of sites or a list of edges.
 
 An `Effects` holds the mean metric under the intervention for every cell of a `Grid`, the per-example
 values behind it, and the clean and corrupted baselines, so statistics and plots need nothing else.
+Node and edge results are the same type: an edge grid is `Grid.of(edges)`, of kind "edge".
 """
 
 import json
@@ -12,31 +13,33 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from scipy import stats
 from torch import Tensor
 
+from mechattr.graph import unit_from_json
 from mechattr.sites import Grid, Site
+from mechattr.stats import benjamini_hochberg
+from mechattr.storage import write_json, write_safetensors
 
-__all__ = ["Effects", "benjamini_hochberg", "save_effects", "load_effects"]
+__all__ = ["Effects", "normalize", "save_effects", "load_effects"]
 
 
-def benjamini_hochberg(pvalues: Float[Tensor, "*cells"], alpha: float = 0.05) -> Bool[Tensor, "*cells"]:
-    """Which hypotheses to reject at false discovery rate `alpha` (Benjamini & Hochberg 1995)."""
-    p = pvalues.flatten().double()
-    m = p.numel()
-    order = p.argsort()
-    passed = p[order] <= alpha * torch.arange(1, m + 1, dtype=torch.float64) / m
-    reject = torch.zeros(m, dtype=torch.bool)
-    if passed.any():
-        k = int(passed.nonzero().max())  # largest rank whose p-value is under its line
-        reject[order[: k + 1]] = True
-    return reject.reshape(pvalues.shape)
+def normalize(values: Float[Tensor, "*cells"], clean: Float[Tensor, " example"], corrupt: Float[Tensor, " example"],
+              what: str = "the task") -> Float[Tensor, "*cells"]:
+    """(values - corrupted) / (clean - corrupted), with the baselines averaged over examples: 1 = the clean
+    behaviour, 0 = the corrupted one. The one definition behind `Effects.normalized` and faithfulness."""
+    clean_mean, corrupt_mean = float(clean.mean()), float(corrupt.mean())
+    gap = clean_mean - corrupt_mean
+    if abs(gap) < 1e-12:
+        raise ValueError(f"{what}: clean and corrupted metrics are equal ({clean_mean:.6g}); the normalized "
+                         "effect is undefined")
+    return (values - corrupt_mean) / gap
 
 
 @dataclass(frozen=True, eq=False)
 class Effects:
-    """Metric under intervention per site. `values` has the grid's shape; `per_example` adds an
+    """Metric under intervention per site (or edge). `values` has the grid's shape; `per_example` adds an
     example axis last; `clean` and `corrupt` are the per-example metrics of the two unpatched runs."""
 
     values: Float[Tensor, "*grid"]
@@ -58,6 +61,19 @@ class Effects:
         if tuple(self.per_example.shape) != expected:
             raise ValueError(f"per_example has shape {tuple(self.per_example.shape)}, expected {expected}")
 
+    @classmethod
+    def of(cls, runs: Any, grid: Grid, per_example: Float[Tensor, "cell example"], intervention: Any, method: str,
+           **meta: Any) -> "Effects":
+        """The result of patching or estimating every cell of `grid` on `runs` (a `mechattr.runs.Runs`):
+        `per_example` holds the metric under the intervention, one row per cell in grid order."""
+        task = runs.task
+        # Results are small and their statistics run on the CPU, whatever device the model is on.
+        per_example = per_example.reshape(*grid.shape, task.n_examples).float().cpu()
+        return cls(values=per_example.mean(-1), per_example=per_example, clean=runs.clean.cpu(),
+                   corrupt=runs.corrupt.cpu(), grid=grid, base_run=runs.base_run, metric=task.metric.name,
+                   intervention=intervention.name, method=method, str_tokens=task.str_tokens,
+                   meta={"task": task.name, **meta})
+
     # Labels -------------------------------------------------------------------------------------
     @property
     def kind(self) -> str:
@@ -68,7 +84,15 @@ class Effects:
         return self.grid.axes
 
     @property
-    def sites(self) -> tuple[Site, ...]:
+    def sites(self) -> tuple[Any, ...]:
+        """The grid's sites (or, for an edge grid, its edges), in grid order."""
+        return self.grid.sites
+
+    @property
+    def edges(self) -> tuple[Any, ...]:
+        """The edges of an edge grid (`Grid.of(edges)`)."""
+        if self.kind != "edge":
+            raise ValueError(f"these effects are over {self.kind!r} sites, not edges; use .sites")
         return self.grid.sites
 
     @property
@@ -91,11 +115,9 @@ class Effects:
     # Derived values -----------------------------------------------------------------------------
     @property
     def normalized(self) -> Float[Tensor, "*grid"]:
-        """(patched - corrupted) / (clean - corrupted): 1 = the site restores the clean behaviour."""
-        gap = self.clean_metric - self.corrupt_metric
-        if abs(gap) < 1e-12:
-            raise ValueError("clean and corrupted metrics are equal; the normalized effect is undefined")
-        return (self.values - self.corrupt_metric) / gap
+        """(patched - corrupted) / (clean - corrupted): 1 = the clean behaviour, 0 = the corrupted one, under
+        every intervention (`normalize`)."""
+        return normalize(self.values, self.clean, self.corrupt, f"task {self.meta.get('task', '?')!r}")
 
     @property
     def effect(self) -> Float[Tensor, "*grid"]:
@@ -145,6 +167,12 @@ class Effects:
         order = score.abs().argsort(descending=True)[:k]
         return [(self.sites[int(i)], float(score[i])) for i in order]
 
+    def _coordinates(self) -> dict[str, list]:
+        if self.kind == "edge":
+            return {"sender": [str(e.sender) for e in self.sites], "receiver": [str(e.receiver) for e in self.sites]}
+        return {axis: [getattr(s, axis) for s in self.sites] for axis in ("layer", "pos", "head", "neuron")
+                if any(getattr(s, axis) is not None for s in self.sites)}
+
     def to_dataframe(self):
         """One row per site: its coordinates, value, effect, normalized effect, stderr, CI, p and q."""
         import pandas as pd
@@ -152,8 +180,7 @@ class Effects:
         lo, hi = self.ci()
         rows = {
             "kind": [s.kind for s in self.sites],
-            **{axis: [getattr(s, axis) for s in self.sites] for axis in ("layer", "pos", "head", "neuron")
-               if any(getattr(s, axis) is not None for s in self.sites)},
+            **self._coordinates(),
             "value": self.values.flatten().tolist(),
             "effect": self.effect.flatten().tolist(),
             "stderr": self.stderr.flatten().tolist(),
@@ -208,13 +235,11 @@ def save_effects(directory: str | Path, effects: list[Effects], **meta: Any) -> 
     for e in effects:
         header["kinds"][e.kind] = {"axes": list(e.axes), "shape": list(e.grid.shape), "method": e.method,
                                    "base_run": e.base_run, "intervention": e.intervention,
-                                   "sites": [[s.kind, s.layer, s.pos, s.head, s.neuron] for s in e.sites]}
-    # Write to temporary names, then rename: an interrupted save never leaves a half-written pair.
-    tmp_tensors, tmp_header = directory / ".effects.safetensors.tmp", directory / ".effects.json.tmp"
-    save_file({k: v.detach().contiguous().cpu().float() for k, v in tensors.items()}, str(tmp_tensors))
-    tmp_header.write_text(json.dumps(header, indent=2))
-    tmp_tensors.replace(directory / "effects.safetensors")
-    tmp_header.replace(directory / "effects.json")
+                                   "sites": [s.to_json() for s in e.sites]}
+    # Each file appears whole; the header, which readers open first, is written last.
+    write_safetensors(directory / "effects.safetensors",
+                      {k: v.detach().contiguous().cpu().float() for k, v in tensors.items()})
+    write_json(directory / "effects.json", header)
     return directory
 
 
@@ -231,7 +256,7 @@ def load_effects(directory: str | Path) -> dict[str, Effects]:
                                           "str_tokens")}
     out = {}
     for kind, spec in kinds.items():
-        sites = tuple(Site(k, layer, pos, head, neuron) for k, layer, pos, head, neuron in spec["sites"])
+        sites = tuple(unit_from_json(v) for v in spec["sites"])
         grid = Grid(kind=kind, axes=tuple(spec["axes"]), shape=tuple(spec["shape"]), sites=sites)
         out[kind] = Effects(values=tensors[kind], per_example=tensors[f"{kind}.per_example"],
                             clean=tensors["clean"], corrupt=tensors["corrupt"], grid=grid,

@@ -2,14 +2,21 @@
 
 A patch at block l leaves blocks 0..l-1 unchanged, and (causal attention) a patch at position p leaves
 every position before p unchanged at every layer. `Forward` exploits both on a `TransformerBridge`:
-it records what the bridge passes each block (attention mask, rotary embeddings, position ids:
-architecture-specific, so captured rather than rebuilt) and the keys and values of the unpatched run,
-then calls `blocks[l:]` on positions p.. only, with the earlier positions' keys and values served from
-a Hugging Face `DynamicCache`. TL 4.3's own `start_at_layer` still runs the skipped blocks.
+it records what the bridge passes each block (attention mask, rotary embeddings, position ids, ALiBi
+biases: architecture-specific, so captured rather than rebuilt) and the keys and values of the unpatched
+run, then calls `blocks[l:]` on positions p.. only, with the earlier positions' keys and values served
+from a Hugging Face `DynamicCache`, and unembeds the last position only. TL 4.3's own `start_at_layer`
+still runs the skipped blocks.
+
+This resumed path proves itself once per model before it is used: it must reproduce the model's own
+unpatched last-position logits from the first and a middle block, from position 0 and from later
+positions. A model where it does not gets exact full forwards and one warning saying what differed.
 Any other model with TransformerLens's hook interface (e.g. a legacy `HookedTransformer`) runs full
 forwards.
 """
 
+import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable
 
@@ -17,9 +24,24 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["Forward", "attention_reads_cache"]
+from mechattr.sites import hook_name, model_name
 
-_CACHE_KWARGS = ("cache", "past_key_values")
+__all__ = ["Forward", "attention_reads_cache", "last_logits", "fast_path_verdict", "FastPathWarning", "TOLERANCE"]
+
+# Names decoder layers give their key/value cache: transformers 5 `cache`, older code `past_key_values`,
+# GPT-NeoX, Bloom and Falcon `layer_past`.
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+# Largest |resumed - full| logit error, relative to the largest |logit| (at least 1), per weight dtype:
+# half-precision kernels round differently for different batch shapes (a few units of their last place).
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 4 * 2**-8, torch.float16: 4 * 2**-11}
+_PROBE_ROWS = 2  # token rows the fast path is proved on (run as 2 copies, so block inputs are expanded)
+
+# Per model: None when the resumed path reproduced the model's own logits, else what differed.
+_VERDICTS: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
+
+
+class FastPathWarning(UserWarning):
+    """The resumed forward does not reproduce a model's own logits, so it runs full forwards."""
 
 
 def _is_bridge(model: Any) -> bool:
@@ -28,12 +50,14 @@ def _is_bridge(model: Any) -> bool:
     return isinstance(model, TransformerBridge)
 
 
-def _first_row(value: Any, n: int) -> Any:
+def _first_row(value: Any, n: int, name: str, heads: int) -> Any:
     """Per-row block inputs (all rows share them: prompts of one length, no padding) as one row."""
+    if name == "alibi" and torch.is_tensor(value) and value.shape[0] == n * heads:
+        return value.reshape(n, heads, *value.shape[1:])[:1]  # Bloom: [n * heads, 1, key] -> [1, heads, 1, key]
     if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] in (1, n):
         return value[:1]
     if isinstance(value, tuple):
-        return tuple(_first_row(v, n) for v in value)
+        return tuple(_first_row(v, n, name, heads) for v in value)
     return value
 
 
@@ -43,6 +67,9 @@ def _fit(value: Any, rows: int, start: int, name: str) -> Any:
         return tuple(_fit(v, rows, start, name) for v in value)
     if not torch.is_tensor(value) or value.dim() < 2:
         return value
+    if name == "alibi":
+        # A bias per key position: keys keep every position (the prefix comes from the cache).
+        return value.expand(rows, *value.shape[1:]).reshape(-1, *value.shape[2:])
     if start:
         # Position axis: -2 for the [1, 1, query, key] mask (keys keep every position), 1 otherwise.
         value = value[..., start:, :] if name == "attention_mask" else value[:, start:]
@@ -51,8 +78,8 @@ def _fit(value: Any, rows: int, start: int, name: str) -> Any:
 
 @contextmanager
 def attention_reads_cache(model: Any):
-    """TL 4.3's attention looks for `past_key_values` but transformers 5 decoder layers pass the cache as
-    `cache`; alias it for the duration so prefilled keys and values are used."""
+    """TL 4.3's attention looks for `past_key_values` (or `layer_past`) but transformers 5 decoder layers
+    pass the cache as `cache`; alias it for the duration so prefilled keys and values are used."""
     def alias(module, args, kwargs):
         if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
             kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
@@ -66,15 +93,21 @@ def attention_reads_cache(model: Any):
             handle.remove()
 
 
+def fast_path_verdict(model: Any) -> str | None:
+    """What the resumed path got wrong on `model` (None: proved exact, or not checked yet)."""
+    return _VERDICTS.get(model)
+
+
 class Forward:
     """Forward passes of one token batch [n, pos] with hooks, returning last-position logits."""
 
     def __init__(self, model: Any, tokens: Int[Tensor, "n pos"], resumable: bool = True):
         self.model = model
         self.tokens = tokens
-        self.resumable = resumable and _is_bridge(model)
+        self.resumable = resumable and _is_bridge(model) and _VERDICTS.get(model) is None
         self.block_kwargs: list[dict[str, Any]] = []
         self.keys_values: list[tuple[Tensor, Tensor]] = []  # per layer [n, kv_heads, pos, d_head]
+        self._cache_name = "cache"  # the keyword the blocks take their cache by
 
     @property
     def reuses_prefix(self) -> bool:
@@ -83,12 +116,25 @@ class Forward:
 
     def cache(self, names: Iterable[str] = ()) -> tuple[Float[Tensor, "n vocab"], dict[str, Tensor]]:
         """The unpatched run: last-position logits and the activations at hook `names`. On a bridge the
-        same pass records each block's inputs and the keys and values that later runs resume from."""
-        names = set(names)
+        same pass records each block's inputs and the keys and values that later runs resume from; the
+        first time a model is seen, the resumed path is proved against it (see `_prove`)."""
+        if self.resumable and self.model not in _VERDICTS:
+            verdict = _prove(self.model, self.tokens[:_PROBE_ROWS])
+            _VERDICTS[self.model] = verdict
+            if verdict is not None:
+                warnings.warn(f"model {model_name(self.model)}: the resumed forward {verdict}; mechattr "
+                              "runs exact full forwards for this model instead", FastPathWarning, stacklevel=2)
+            self.resumable = verdict is None
+        return self._record(set(names))
+
+    def _record(self, names: set[str]) -> tuple[Tensor, dict[str, Tensor]]:
         store: dict[str, Tensor] = {}
         n = self.tokens.shape[0]
+        heads = self.model.cfg.n_heads
         captured: dict[int, dict[str, Any]] = {}
-        caches: list[Any] = []
+        caches: list[str] = []  # the keyword each block took its cache by
+        # One plain cache for every block: the model's own may keep only a sliding window of keys.
+        full = _new_cache() if self.resumable else None
 
         def saver(name):
             # Keyed by the name asked for: the bridge reports aliases (hook_resid_pre fires as hook_in).
@@ -98,8 +144,10 @@ class Forward:
 
         def grab(layer):
             def hook(module, args, kwargs):
-                captured[layer] = {k: _first_row(v, n) for k, v in kwargs.items() if k not in _CACHE_KWARGS}
-                caches.extend(kwargs.get(k) for k in _CACHE_KWARGS if kwargs.get(k) is not None)
+                captured[layer] = {k: _first_row(v, n, k, heads) for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+                given = [k for k in _CACHE_KWARGS if kwargs.get(k) is not None]
+                caches.extend(given)
+                return args, {**kwargs, **{k: full for k in given}}
             return hook
 
         blocks = list(self.model.blocks) if self.resumable else []
@@ -113,19 +161,23 @@ class Forward:
                 h.remove()
         missing = names - set(store)
         if missing:
-            raise ValueError(f"the model has no hook point(s) {sorted(missing)}; check the site kinds")
+            raise ValueError(f"model {model_name(self.model)} has no hook point(s) {sorted(missing)}; "
+                             "check the site kinds")
         if self.resumable:
-            self._keep(captured, caches[0] if caches else None)
+            self._keep(captured, (caches[0], full) if caches else None)
         # clone: a float32 slice would be a view that keeps every position's logits alive.
         return logits[:, -1].float().clone(), store
 
-    def _keep(self, captured: dict[int, dict[str, Any]], cache: Any) -> None:
+    def _keep(self, captured: dict[int, dict[str, Any]], named_cache: tuple[str, Any] | None) -> None:
         n_layers, (n, n_pos) = len(self.model.blocks), self.tokens.shape
         self.block_kwargs = [captured[i] for i in range(n_layers)]
-        if cache is not None and len(getattr(cache, "layers", ())) == n_layers:
-            pairs = [(layer.keys, layer.values) for layer in cache.layers]
-            if all(k is not None and k.shape[0] == n and k.shape[-2] == n_pos for k, _ in pairs):
-                self.keys_values = pairs
+        self.keys_values = []
+        if named_cache is not None:
+            self._cache_name, cache = named_cache
+            if len(getattr(cache, "layers", ())) == n_layers:
+                pairs = [(layer.keys, layer.values) for layer in cache.layers]
+                if all(k is not None and k.shape[0] == n and k.shape[-2] == n_pos for k, _ in pairs):
+                    self.keys_values = pairs
         for kwargs in self.block_kwargs:
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = bool(self.keys_values)
@@ -140,26 +192,65 @@ class Forward:
         with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
             if not self.resumable or start_layer is None or resid is None:
                 return self.model(self.tokens.repeat(copies, 1))[:, -1].float()
-            start_pos = start_pos if self.reuses_prefix else 0
-            x = resid[:, start_pos:].repeat(copies, 1, 1)  # (rows, P - start, d_model), fresh: hooks may edit
-            rows = x.shape[0]
-            cache = self._prefix_cache(copies, start_layer, start_pos) if self.keys_values else None
-            with attention_reads_cache(self.model):
-                for layer in range(start_layer, len(self.model.blocks)):
-                    kwargs = {k: _fit(v, rows, start_pos, k) for k, v in self.block_kwargs[layer].items()}
-                    if cache is not None:
-                        kwargs["cache"] = cache
-                    out = self.model.blocks[layer](x, **kwargs)
-                    x = out[0] if isinstance(out, tuple) else out
-            return self.model.unembed(self.model.ln_final(x[:, -1:]))[:, 0].float()
+            return self._resumed(copies, start_layer, resid, start_pos if self.reuses_prefix else 0)
+
+    def _resumed(self, copies: int, start_layer: int, resid: Tensor, start_pos: int) -> Tensor:
+        x = resid[:, start_pos:].repeat(copies, 1, 1)  # (rows, P - start, d_model), fresh: hooks may edit
+        rows = x.shape[0]
+        cache = self._prefix_cache(copies, start_layer, start_pos) if self.keys_values else None
+        with attention_reads_cache(self.model):
+            for layer in range(start_layer, len(self.model.blocks)):
+                kwargs = {k: _fit(v, rows, start_pos, k) for k, v in self.block_kwargs[layer].items()}
+                if cache is not None:
+                    kwargs[self._cache_name] = cache
+                out = self.model.blocks[layer](x, **kwargs)
+                x = out[0] if isinstance(out, tuple) else out
+        return last_logits(self.model, x).float()
 
     def _prefix_cache(self, copies: int, start_layer: int, start_pos: int) -> Any:
         """A cache holding the unpatched run's keys and values of positions < start_pos, per copy."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+        cache = _new_cache()
         for layer, (keys, values) in enumerate(self.keys_values):
             # Layers before start_layer never run; an empty prefix keeps the layer indices aligned.
             end = start_pos if layer >= start_layer else 0
             cache.update(keys[:, :, :end].repeat(copies, 1, 1, 1), values[:, :, :end].repeat(copies, 1, 1, 1), layer)
         return cache
+
+
+def last_logits(model: Any, resid: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows vocab"]:
+    """The model's logits at the last position from the residual stream after its last block."""
+    logits = model.unembed(model.ln_final(resid[:, -1:]))[:, 0]  # (rows, vocab)
+    # What the bridge applies after the unembedding (Gemma 2's final soft-capping, for one).
+    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+    return transform(logits) if callable(transform) else logits
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _prove(model: Any, tokens: Int[Tensor, "n pos"]) -> str | None:
+    """None if resumed runs of `tokens` (2 stacked copies) reproduce the model's own last-position logits
+    from the first and a middle block, each from position 0 and, where the prefix is reused, from the
+    middle and the last position; else a description of the first that does not."""
+    n_layers, n_pos = len(model.blocks), tokens.shape[1]
+    layers = sorted({0, n_layers // 2})
+    probe = Forward(model, tokens)
+    try:
+        expected, resid = probe._record({hook_name("resid_pre", layer) for layer in layers})
+        starts = sorted({0, n_pos // 2, n_pos - 1}) if probe.reuses_prefix else [0]
+        expected = expected.repeat(2, 1)  # (2 * n, vocab)
+        tolerance = max(1.0, float(expected.abs().max())) * TOLERANCE.get(next(model.parameters()).dtype, 1e-5)
+        for layer in layers:
+            for start in starts:
+                with torch.no_grad():
+                    got = probe._resumed(2, layer, resid[hook_name("resid_pre", layer)], start)
+                error = float((got - expected).abs().max())
+                if not error <= tolerance:
+                    return (f"from block {layer}, position {start}, misses the full forward's last-position logits "
+                            f"by {error:.3g} (tolerance {tolerance:.2g})")
+    except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
+        return f"fails to run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None

@@ -4,6 +4,10 @@ Every intervention is a small final class with one signature, `__call__(base, so
 `base` is the site's activation in the run being intervened on and `source` its activation in the
 other run, both shaped [example, *site]. `base_run` names which of the task's two runs is intervened
 on ("clean" or "corrupt"); the engine feeds the other as the source.
+
+`INTERVENTIONS` is the registry, by name. What an intervention allows is a class attribute
+(`examplewise`, `commutes_with_rotary`, `takes_source`, `ablates`, `by_name_ok`; see `Intervention`),
+read by the engine and the command line.
 """
 
 from dataclasses import dataclass, field
@@ -13,42 +17,64 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["Intervention", "Denoise", "Noise", "Zero", "Mean", "Resample", "GaussianNoise", "Steer", "by_name"]
+__all__ = ["Intervention", "Denoise", "Noise", "Zero", "Mean", "Resample", "GaussianNoise", "Steer",
+           "INTERVENTIONS", "by_name"]
 
 Run = Literal["clean", "corrupt"]
+Activation = Float[Tensor, "example *site"]
 
 
 class Intervention:
-    """Base class: do(site := self(base, source))."""
+    """Base class: do(site := self(base, source)). Capabilities are class attributes, read by the engine
+    and the command line instead of lists of classes."""
 
     base_run: ClassVar[Run] = "clean"
     name: ClassVar[str] = "intervention"
+    # Each example's value depends on that example's activations alone, so chunks of examples can be
+    # computed apart (sweeps, distributed runs).
+    examplewise: ClassVar[bool] = False
+    # Commutes with a fixed linear map per position (rotary embeddings): intervening on the rotated
+    # activation equals rotating the intervened one (a per-example mean, a permutation of examples, a run).
+    commutes_with_rotary: ClassVar[bool] = False
+    # The value is the other run's activation, the end point integrated gradients interpolate towards.
+    takes_source: ClassVar[bool] = False
+    # Sets the clean run's activation to a value the task's behaviour should not rest on: an ablation for
+    # circuit discovery (what the components outside a circuit get).
+    ablates: ClassVar[bool] = False
+    # The default-configured instance (`by_name`) is meaningful; `Steer` needs a vector.
+    by_name_ok: ClassVar[bool] = True
 
-    def __call__(self, base: Float[Tensor, "example *site"], source: Float[Tensor, "example *site"]
-                 ) -> Float[Tensor, "example *site"]:
+    def __call__(self, base: Activation, source: Activation) -> Activation:
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class Denoise(Intervention):
+class _Source(Intervention):
+    """The other run's activation."""
+
+    examplewise = True
+    commutes_with_rotary = True
+    takes_source = True
+
+    def __call__(self, base: Activation, source: Activation) -> Activation:
+        return source
+
+
+@dataclass(frozen=True)
+class Denoise(_Source):
     """Clean activation into the corrupted run: is the site sufficient to restore the behaviour?"""
 
     base_run: ClassVar[Run] = "corrupt"
     name: ClassVar[str] = "denoise"
 
-    def __call__(self, base, source):
-        return source
-
 
 @dataclass(frozen=True)
-class Noise(Intervention):
+class Noise(_Source):
     """Corrupted activation into the clean run: is the site necessary for the behaviour?"""
 
     base_run: ClassVar[Run] = "clean"
     name: ClassVar[str] = "noise"
-
-    def __call__(self, base, source):
-        return source
+    ablates = True
 
 
 @dataclass(frozen=True)
@@ -56,8 +82,11 @@ class Zero(Intervention):
     """Zero ablation of the clean run."""
 
     name: ClassVar[str] = "zero"
+    examplewise = True
+    commutes_with_rotary = True
+    ablates = True
 
-    def __call__(self, base, source):
+    def __call__(self, base: Activation, source: Activation) -> Activation:
         return torch.zeros_like(base)
 
 
@@ -66,8 +95,10 @@ class Mean(Intervention):
     """Mean ablation: every example's activation set to its mean over the task's clean and corrupted runs."""
 
     name: ClassVar[str] = "mean"
+    commutes_with_rotary = True
+    ablates = True
 
-    def __call__(self, base, source):
+    def __call__(self, base: Activation, source: Activation) -> Activation:
         return torch.cat([base, source]).mean(0, keepdim=True).expand_as(base)
 
 
@@ -77,8 +108,10 @@ class Resample(Intervention):
 
     seed: int = 0
     name: ClassVar[str] = "resample"
+    commutes_with_rotary = True
+    ablates = True
 
-    def __call__(self, base, source):
+    def __call__(self, base: Activation, source: Activation) -> Activation:
         n = base.shape[0]
         if n < 2:
             raise ValueError("resample ablation needs a task with at least 2 examples, got 1")
@@ -100,7 +133,7 @@ class GaussianNoise(Intervention):
     seed: int = 0
     name: ClassVar[str] = "gaussian"
 
-    def __call__(self, base, source):
+    def __call__(self, base: Activation, source: Activation) -> Activation:
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(base.shape, generator=generator, dtype=base.dtype)
         return base + self.std * noise.to(base.device)
@@ -113,16 +146,23 @@ class Steer(Intervention):
     vector: Tensor = field(default_factory=lambda: torch.zeros(()))
     scale: float = 1.0
     name: ClassVar[str] = "steer"
+    examplewise = True
+    by_name_ok = False
 
-    def __call__(self, base, source):
+    def __call__(self, base: Activation, source: Activation) -> Activation:
         return base + self.scale * self.vector.to(base.device, base.dtype)
 
 
-_BY_NAME = {cls.name: cls for cls in (Denoise, Noise, Zero, Mean, Resample, GaussianNoise)}
+# The registry, in the order the command line lists them.
+INTERVENTIONS: dict[str, type[Intervention]] = {
+    cls.name: cls for cls in (Denoise, Noise, Mean, Zero, Resample, GaussianNoise, Steer)}
 
 
 def by_name(name: str) -> Intervention:
-    """The default-configured intervention called `name` (as used by the CLI)."""
-    if name not in _BY_NAME:
-        raise ValueError(f"unknown intervention {name!r}; valid: {', '.join(_BY_NAME)}")
-    return _BY_NAME[name]()
+    """The default-configured intervention called `name` (as used by the command line)."""
+    usable = [n for n, cls in INTERVENTIONS.items() if cls.by_name_ok]
+    if name not in usable:
+        needs = INTERVENTIONS.get(name)
+        hint = f" ({name} needs arguments: construct {needs.__name__}(...))" if needs is not None else ""
+        raise ValueError(f"unknown intervention {name!r}{hint}; valid: {', '.join(usable)}")
+    return INTERVENTIONS[name]()

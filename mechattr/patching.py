@@ -7,32 +7,27 @@ cells whose earliest site is in block l resume from the unpatched residual at bl
 before it are not run at all, and only the last position is unembedded.
 """
 
-import math
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechattr.effects import Effects
 from mechattr.forward import Forward
 from mechattr.interventions import Denoise, Intervention
-from mechattr.sites import Grid, Site, model_shape, validate
+from mechattr.runs import unpatched
+from mechattr.sites import Grid, Site, hook_name, model_shape, validate
 from mechattr.tasks import Task
 
-__all__ = ["patch", "Cell", "Forward", "run_cells", "metric_readout", "DEFAULT_MAX_MEMORY"]
+__all__ = ["patch", "Cell", "run_cells", "DEFAULT_MAX_MEMORY"]
 
 DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes of transient activations one patched batch may use
 _MAX_ROWS = 1024  # beyond this, bigger batches stop paying on CPU
 DEFAULT_BATCH_ROWS = 64  # rows per patched batch, see run_cells
 
 Cell = Sequence[tuple[Site, Tensor]]  # assignments applied together; each value is [example, *site]
-
-
-def _resid_hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_pre"
 
 
 def _rows_per_batch(model: Any, n_pos: int, max_memory: int) -> int:
@@ -60,7 +55,7 @@ def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] |
     for i, cell in enumerate(cells):
         layers = [site.resume_layer for site, _ in cell]
         layer = None if resid is None or None in layers else min(layers)
-        if layer is not None and _resid_hook(layer) not in resid:
+        if layer is not None and hook_name("resid_pre", layer) not in resid:
             layer = None
         start = min(site.first_pos for site, _ in cell) if layer is not None and forward.reuses_prefix else 0
         keyed.append((-1 if layer is None else layer, start, i))
@@ -74,22 +69,12 @@ def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] |
     return [(None if layer == -1 else layer, start, ids) for layer, start, ids in batches]
 
 
-def metric_readout(task: Task, reference: Float[Tensor, "n vocab"]) -> Callable[[Tensor], Tensor]:
-    """Turns last-position logits of stacked copies of the task, [copies * n, vocab], into the task
-    metric per row, [copies * n]."""
-    def readout(logits):
-        copies = logits.shape[0] // task.n_examples
-        rep = lambda t: t.repeat(copies, *([1] * (t.dim() - 1)))  # noqa: E731
-        return task.metric(logits, rep(task.answer), rep(task.wrong), rep(reference))
-    return readout
-
-
 def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None = None,
               readout: Callable[[Tensor], Tensor] | None = None, *, max_memory: int = DEFAULT_MAX_MEMORY,
               batch_rows: int = DEFAULT_BATCH_ROWS, progress: bool | None = None, desc: str = "patching"
               ) -> Float[Tensor, "cell example *out"]:
     """Last-position logits of the base run under each cell's assignments, [cell, example, vocab], or
-    `readout(logits)` of them (e.g. `metric_readout`: [cell, example]), applied batch by batch so the
+    `readout(logits)` of them (e.g. `Runs.readout()`: [cell, example]), applied batch by batch so the
     logits of a large sweep are never all held at once.
 
     `resid` maps `blocks.{l}.hook_resid_pre` to the unpatched run's activations [n, pos, d_model]; with
@@ -109,37 +94,12 @@ def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] 
                 # A site's position is never before its batch's start (batches start at their earliest cell).
                 entries.setdefault(site.hook, []).append((slot, site.index_from(start), value))
         hooks = [(name, _assign(e, n)) for name, e in entries.items()]
-        logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[_resid_hook(layer)], start)
+        logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[hook_name("resid_pre", layer)],
+                             start)
         values = logits if readout is None else readout(logits)
         for slot, i in enumerate(chunk):
             out[i] = values[slot * n:(slot + 1) * n]
     return torch.stack(out)
-
-
-@dataclass(frozen=True)
-class _Runs:
-    """Both unpatched runs of a task: metrics, clean reference log-probs, cached activations."""
-
-    base: Forward
-    clean_metric: Tensor
-    corrupt_metric: Tensor
-    reference: Tensor
-    base_cache: dict[str, Tensor]
-    source_cache: dict[str, Tensor]
-
-
-def _unpatched_runs(model: Any, task: Task, base_run: str, site_hooks: set[str], resume_hooks: set[str]) -> _Runs:
-    source_run = "clean" if base_run == "corrupt" else "corrupt"
-    base = Forward(model, task.tokens(base_run))
-    base_logits, base_cache = base.cache(site_hooks | resume_hooks)
-    source_logits, source_cache = Forward(model, task.tokens(source_run), resumable=False).cache(site_hooks)
-    logits = {base_run: base_logits, source_run: source_logits}
-    reference = logits["clean"].log_softmax(-1)
-    metric = task.metric
-    return _Runs(base=base,
-                 clean_metric=metric(logits["clean"], task.answer, task.wrong, reference),
-                 corrupt_metric=metric(logits["corrupt"], task.answer, task.wrong, reference),
-                 reference=reference, base_cache=base_cache, source_cache=source_cache)
 
 
 def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: Intervention = Denoise(), *,
@@ -153,19 +113,10 @@ def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: In
     if not grid.sites:
         raise ValueError("patch needs at least one site; the grid is empty")
     validate(grid.sites, model, task.n_pos)
-    hook_names = {s.hook for s in grid}
-    resume_hooks = {_resid_hook(s.resume_layer) for s in grid if s.resume_layer is not None} if resume else set()
-    runs = _unpatched_runs(model, task, intervention.base_run, hook_names, resume_hooks)
-    cells = []
-    for site in grid:
-        where = (slice(None),) + site.index
-        value = intervention(runs.base_cache[site.hook][where], runs.source_cache[site.hook][where])
-        cells.append([(site, value)])
-    resid = {k: v for k, v in runs.base_cache.items() if k in resume_hooks} if resume else None
-    per_example = run_cells(runs.base, cells, resid, metric_readout(task, runs.reference), max_memory=max_memory,
-                            progress=progress, desc=f"patching {grid.kind}")  # (cells, n)
-    per_example = per_example.reshape(*grid.shape, task.n_examples)
-    return Effects(values=per_example.mean(-1), per_example=per_example, clean=runs.clean_metric,
-                   corrupt=runs.corrupt_metric, grid=grid, base_run=intervention.base_run,
-                   metric=task.metric.name, intervention=intervention.name, method="patch",
-                   str_tokens=task.str_tokens, meta={"task": task.name})
+    layers = sorted({s.resume_layer for s in grid if s.resume_layer is not None}) if resume else []
+    runs = unpatched(model, task, intervention, sorted({s.hook for s in grid}),
+                     base_hooks=[hook_name("resid_pre", layer) for layer in layers], resumable=True)
+    cells = [[(site, runs.value(intervention, site))] for site in grid]
+    per_example = run_cells(runs.forward, cells, runs.resid(layers) if resume else None, runs.readout(),
+                            max_memory=max_memory, progress=progress, desc=f"patching {grid.kind}")  # (cells, n)
+    return Effects.of(runs, grid, per_example, intervention, method="patch")

@@ -10,7 +10,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from mechattr.effects import Effects, benjamini_hochberg
+from mechattr.effects import Effects
+from mechattr.stats import benjamini_hochberg
 from mechattr.sites import Site
 
 __all__ = ["SiteSet", "select"]
@@ -59,11 +60,11 @@ class SiteSet:
 
     def to_json(self) -> list[list]:
         """[[kind, layer, pos, head, neuron, score], ...]."""
-        return [[s.kind, s.layer, s.pos, s.head, s.neuron, score] for s, score in zip(self.sites, self.scores)]
+        return [[*s.to_json(), score] for s, score in zip(self.sites, self.scores)]
 
     @classmethod
     def from_json(cls, rows: Sequence[Sequence]) -> "SiteSet":
-        sites = tuple(Site(kind, layer, pos, head, neuron) for kind, layer, pos, head, neuron, _ in rows)
+        sites = tuple(Site.from_json(row[:-1]) for row in rows)
         return cls(sites, tuple(None if row[5] is None else float(row[5]) for row in rows))
 
     def __str__(self) -> str:

@@ -2,14 +2,18 @@
 
 A `Site` is a frozen, hashable value (`Site("z", layer=9, head=6)`). `KINDS` is the one table that maps
 a site kind to its hook name and to the meaning of each non-batch axis of that hook's activation, so
-indexing an activation at a site never parses a string. A `Grid` is a product of sites with named axes.
+indexing an activation at a site never parses a string; `AUXILIARY` names the other hooks the engine reads
+(rotated queries and keys, the MLP's input). A `Grid` is a product of sites (or of edges, see
+`mechattr.graph`) with named axes.
 """
 
 import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-__all__ = ["Site", "SiteKind", "KINDS", "Grid", "grid", "model_shape", "validate"]
+__all__ = ["Site", "SiteKind", "KINDS", "AUXILIARY", "hook_name", "Grid", "grid", "model_shape", "model_name",
+           "validate", "available_kinds"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,21 @@ KINDS: dict[str, SiteKind] = {
     "neuron": SiteKind("blocks.{layer}.mlp.hook_post", ("pos", "neuron"), width="d_mlp"),
 }
 
-BLOCK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-HEAD_KINDS = ("z", "q", "k", "v", "pattern")
+# Hooks the engine reads that are not sites: queries and keys after rotary embeddings (fired only by
+# rotary models) and the MLP's input (the residual after ln2's hook, where edges into an MLP are read).
+AUXILIARY: dict[str, str] = {
+    "rot_q": "blocks.{layer}.attn.hook_rot_q",
+    "rot_k": "blocks.{layer}.attn.hook_rot_k",
+    "mlp_in": "blocks.{layer}.ln2.hook_in",
+}
+
+
+def hook_name(kind: str, layer: int = 0) -> str:
+    """The hook of a site kind (or an `AUXILIARY` hook) in block `layer`."""
+    template = KINDS[kind].hook if kind in KINDS else AUXILIARY.get(kind)
+    if template is None:
+        raise ValueError(f"unknown hook kind {kind!r}; valid: {', '.join([*KINDS, *AUXILIARY])}")
+    return template.format(layer=layer)
 
 
 @dataclass(frozen=True)
@@ -64,7 +81,15 @@ class Site:
 
     @property
     def hook(self) -> str:
-        return KINDS[self.kind].hook.format(layer=self.layer)
+        return hook_name(self.kind, self.layer)
+
+    def to_json(self) -> list:
+        """[kind, layer, pos, head, neuron], the form saved in effects and circuit files."""
+        return [self.kind, self.layer, self.pos, self.head, self.neuron]
+
+    @classmethod
+    def from_json(cls, value: Sequence) -> "Site":
+        return cls(*value)
 
     @property
     def index(self) -> tuple:
@@ -91,7 +116,8 @@ class Site:
 
     def __str__(self) -> str:
         parts = [f"L{self.layer}"] if self.kind != "embed" else []
-        parts += [f"{k[0].upper()}{getattr(self, k)}" for k in ("pos", "head", "neuron") if getattr(self, k) is not None]
+        parts += [f"{k[0].upper()}{getattr(self, k)}" for k in ("pos", "head", "neuron")
+                  if getattr(self, k) is not None]
         return f"{self.kind}[{' '.join(parts)}]"
 
 
@@ -103,10 +129,16 @@ def model_shape(model: Any) -> dict[str, int]:
     return {"n_layers": cfg.n_layers, "n_heads": n_heads, "n_kv_heads": n_kv, "d_mlp": cfg.d_mlp, "n_ctx": cfg.n_ctx}
 
 
-def validate(sites: Iterable[Site], model: Any, n_pos: int | None = None) -> None:
-    """Raise a ValueError naming the first site that does not exist in `model` (or in prompts of `n_pos`)."""
+def validate(sites: Iterable[Any], model: Any, n_pos: int | None = None) -> None:
+    """Raise a ValueError naming the first site that does not exist in `model` (or in prompts of `n_pos`):
+    a kind the model lacks or cannot be patched at, or an index out of range. Edges are checked by their
+    sender and receiver."""
     shape = model_shape(model)
-    for site in sites:
+    for site in _as_sites(sites):
+        problem = _kind_problem(model, site.kind)
+        if problem is not None:
+            raise ValueError(f"site {site}: site kind {site.kind!r} is not available on model {model_name(model)}: "
+                             f"{problem}; valid kinds on this model: {', '.join(available_kinds(model))}")
         spec = KINDS[site.kind]
         checks = [("layer", site.layer, shape["n_layers"], "n_layers")]
         if spec.heads:
@@ -122,14 +154,77 @@ def validate(sites: Iterable[Site], model: Any, n_pos: int | None = None) -> Non
                                  f"(valid {name}s 0..{bound - 1})")
 
 
+def available_kinds(model: Any) -> list[str]:
+    """The site kinds `model` has hooks for and whose hooks reach its output."""
+    return [kind for kind in KINDS if _kind_problem(model, kind) is None]
+
+
+def _as_sites(items: Iterable[Any]) -> Iterable[Site]:
+    for item in items:
+        if isinstance(item, Site):
+            yield item
+        else:  # an edge
+            yield item.sender
+            yield item.receiver
+
+
+def model_name(model: Any) -> str:
+    """How errors and warnings name a model: its config's name (a Hugging Face id or folder)."""
+    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+# Per model, per kind: None when sites of the kind can be patched, else why not (computed on first use).
+_KIND_PROBLEMS: "weakref.WeakKeyDictionary[Any, dict[str, str | None]]" = weakref.WeakKeyDictionary()
+
+
+def _kind_problem(model: Any, kind: str) -> str | None:
+    known = _KIND_PROBLEMS.setdefault(model, {})
+    if kind not in known:  # the bridge rebuilds `hook_dict` on every access: read it once per kind
+        hooks = getattr(model, "hook_dict", None)
+        # Not a TransformerLens model: its hooks are checked when the run asks for them.
+        known[kind] = None if hooks is None else _find_kind_problem(model, kind, hooks)
+    return known[kind]
+
+
+def _find_kind_problem(model: Any, kind: str, hooks: dict[str, Any]) -> str | None:
+    import torch
+
+    hook = KINDS[kind].hook.format(layer=0)
+    if hook not in hooks:
+        parallel = kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False)
+        why = " (parallel attention: attention and MLP both read the block's input, so there is no " \
+              "residual stream between them)" if parallel else ""
+        return f"it has no hook {hook}{why}"
+    # A hook the bridge fires for observation only (some attention implementations compute their
+    # pattern internally) would make every patch there a silent no-op. Whether the model uses what the
+    # hook returns is a property of the graph, not of the weights: add a zero that requires a gradient
+    # and ask autograd whether the logits depend on it.
+    tokens = torch.zeros((1, 3), dtype=torch.long, device=next(model.parameters()).device)
+    probes = []
+
+    def probe(act, hook):
+        probes.append(torch.zeros_like(act, requires_grad=True))
+        return act + probes[-1]
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, probe)]):
+        logits = model(tokens)
+        if not probes:
+            return f"its hook {hook} never fires"
+        used = logits.requires_grad and torch.autograd.grad(logits.sum(), probes[:1], allow_unused=True)[0] is not None
+    if not used:
+        return f"its hook {hook} is read-only (the model does not use what the hook returns)"
+    return None
+
+
 @dataclass(frozen=True)
 class Grid:
-    """A product of sites of one kind, laid out in C order along named axes."""
+    """A product of sites of one kind, laid out in C order along named axes; or a list of edges
+    (`Grid.of(edges)`, kind "edge")."""
 
     kind: str
     axes: tuple[str, ...]
     shape: tuple[int, ...]
-    sites: tuple[Site, ...]
+    sites: tuple[Any, ...]  # Sites, or `mechattr.graph.Edge`s
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -138,8 +233,8 @@ class Grid:
         return iter(self.sites)
 
     @classmethod
-    def of(cls, sites: Sequence[Site]) -> "Grid":
-        """A one-axis grid over an arbitrary list of sites (possibly of mixed kinds)."""
+    def of(cls, sites: Sequence[Any]) -> "Grid":
+        """A one-axis grid over an arbitrary list of sites (possibly of mixed kinds) or of edges."""
         sites = tuple(sites)
         if not sites:
             raise ValueError("a grid needs at least one site")

@@ -9,7 +9,6 @@ read each example alone (`EXAMPLEWISE`); `Mean`, `Resample` and `GaussianNoise` 
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,19 +16,19 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from mechattr.effects import Effects
-from mechattr.interventions import Denoise, Intervention, Noise, Steer, Zero
+from mechattr.interventions import INTERVENTIONS, Denoise, Intervention
 from mechattr.patching import patch
 from mechattr.sites import Grid, Site, validate
+from mechattr.storage import write_safetensors, write_text
 from mechattr.tasks import Task
 
 __all__ = ["sweep", "Piece", "join", "check_splittable", "EXAMPLEWISE"]
 
 # Interventions whose value for one example reads only that example's activations.
-EXAMPLEWISE = (Denoise, Noise, Zero, Steer)
+EXAMPLEWISE = tuple(cls for cls in INTERVENTIONS.values() if cls.examplewise)
 # Arguments that change how a sweep runs, not what it computes, so a resumed sweep may change them.
 _RUN_ONLY = ("progress", "max_memory")
 _MANIFEST = "sweep.json"
@@ -81,7 +80,7 @@ def join(grid: Grid, pieces: Sequence[Piece]) -> Effects:
 
 def check_splittable(intervention: Intervention) -> None:
     """Raise unless the intervention's value for an example depends on that example alone."""
-    if not isinstance(intervention, EXAMPLEWISE):
+    if not intervention.examplewise:
         raise ValueError(
             f"intervention {intervention.name!r} reads every example of the task at once (a mean, a "
             f"resampled donor, or noise drawn for the whole batch), so its results change when the examples "
@@ -151,7 +150,7 @@ class _Store:
                                  "use another directory, or delete this one to start over")
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        write_text(path, json.dumps(manifest, indent=1))
 
     def _path(self, i: int, j: int) -> Path:
         return self.directory / f"chunk-{i:05d}-{j:05d}.safetensors"
@@ -160,7 +159,7 @@ class _Store:
         tensors = {"per_example": piece.per_example.contiguous(), "clean": piece.clean.contiguous(),
                    "corrupt": piece.corrupt.contiguous()}
         labels = {"labels": json.dumps(piece.labels)}
-        _write_atomic(self._path(i, j), lambda tmp: save_file(tensors, str(tmp), metadata=labels))
+        write_safetensors(self._path(i, j), tensors, labels)
 
     def load(self, i: int, j: int, cells: range, examples: range) -> Piece | None:
         path = self._path(i, j)
@@ -173,23 +172,12 @@ class _Store:
                          f.get_tensor("corrupt"), labels)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write under a temporary name, then rename: a killed sweep never leaves a half-written chunk."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _manifest(model: Any, task: Task, grid: Grid, intervention: Intervention, compute: Compute,
               cells_per_chunk: int | None, examples_per_chunk: int | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": _digest(list(model.parameters())),
         "task": _digest([task.clean, task.corrupt, task.answer, task.wrong, task.metric]),
-        "grid": [grid.kind, list(grid.axes), list(grid.shape), [[s.kind, s.layer, s.pos, s.head, s.neuron]
-                                                                for s in grid.sites]],
+        "grid": [grid.kind, list(grid.axes), list(grid.shape), [s.to_json() for s in grid.sites]],
         "intervention": _digest(intervention),
         "compute": f"{compute.__module__}.{compute.__qualname__}",
         "arguments": _digest({k: v for k, v in kwargs.items() if k not in _RUN_ONLY}),

@@ -13,6 +13,7 @@ from torch import Tensor
 from mechattr.effects import Effects
 from mechattr.interventions import Intervention
 from mechattr.sites import Site
+from mechattr.stats import clopper_pearson
 from mechattr.tasks import Task
 
 __all__ = ["Verification", "verify"]
@@ -44,17 +45,6 @@ class Verification:
         return self.estimate.effect.flatten()[[where[s] for s in self.checked]]
 
 
-def _clopper_pearson(hits: int, trials: int, level: float) -> tuple[float, float]:
-    from scipy import stats
-
-    if trials == 0:
-        return 0.0, 1.0
-    alpha = 1 - level
-    low = 0.0 if hits == 0 else float(stats.beta.ppf(alpha / 2, hits, trials - hits + 1))
-    high = 1.0 if hits == trials else float(stats.beta.ppf(1 - alpha / 2, hits + 1, trials - hits))
-    return low, high
-
-
 def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int = 20, seed: int = 0, *,
            threshold: float = 0.1, level: float = 0.95, intervention: Intervention | None = None) -> Verification:
     """Exact patching of the `top` sites with the largest estimated |effect| and of `sample` sites drawn
@@ -81,7 +71,7 @@ def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int
     important = exact.effect.abs() > threshold * gap
     n_top, n_sample = len(top_idx), len(sample_idx)
     hits = int(important[n_top:].sum())
-    low, high = _clopper_pearson(hits, n_sample, level)
+    low, high = clopper_pearson(hits, n_sample, level)
     rate = hits / n_sample if n_sample else 0.0
     if n_sample == len(rest):  # the whole rest was checked: the count is exact
         low = high = rate

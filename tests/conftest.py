@@ -5,10 +5,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import mechattr  # noqa: E402
-from mechattr.tasks import Task  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,11 +28,16 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def gqa():
+    """A random TL-native bridge: 3 layers, 4 query heads sharing 2 key/value heads, LayerNorm."""
+    from tests.bridges import bridge
+
+    return bridge(n_layers=3, n_key_value_heads=2, seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_task():
     """4 random prompts of 7 tokens; the corrupted ones differ at positions 2 and 4."""
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, 50, (4, 7), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 2] = torch.randint(0, 50, (4,), generator=g)
-    corrupt[:, 4] = torch.randint(0, 50, (4,), generator=g)
-    return Task(clean, corrupt, answer=torch.tensor([1, 2, 3, 4]), wrong=torch.tensor([5, 6, 7, 8]), name="tiny")
+    from tests.bridges import random_task
+
+    return random_task(50, (2, 4), seed=0, name="tiny")

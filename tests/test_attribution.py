@@ -5,31 +5,11 @@ import torch
 from scipy import stats
 
 import mechattr
-from mechattr.attribution import attribute, gradient_pass
-from mechattr.verification import Verification, verify
+from mechattr.attribution import attribute
+from mechattr.runs import gradient_pass
 from mechattr.interventions import Mean, Noise, Zero
+from tests.bridges import bridge
 from mechattr.sites import Site, grid
-
-
-def bridge(**overrides):
-    """A random TL-native bridge with `overrides` of the default small config (compatibility mode)."""
-    import transformer_lens.model_bridge.sources.native  # noqa: F401
-    from transformer_lens import TransformerBridge
-    from transformer_lens.config import TransformerBridgeConfig
-
-    cfg = dict(d_model=64, n_layers=2, n_ctx=32, d_head=16, n_heads=4, d_vocab=50, act_fn="gelu", seed=0)
-    model = TransformerBridge.boot_native(TransformerBridgeConfig(**{**cfg, **overrides}))
-    model.enable_compatibility_mode()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-@pytest.fixture(scope="module")
-def gqa():
-    """3 layers, 4 query heads sharing 2 key/value heads, LayerNorm, standard positions."""
-    return bridge(n_layers=3, n_key_value_heads=2, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -162,30 +142,6 @@ def test_errors_name_the_site_and_the_methods_that_can(tiny_task):
         attribute(capped, tiny_task, [Site("z", 0)], "ig", intervention=Zero())
     with pytest.raises(ValueError, match="out of range"):
         attribute(capped, tiny_task, [Site("z", 5, head=0)])
-
-
-def test_verify_counts_what_the_estimate_missed(gqa, tiny_task):
-    sites = grid(gqa, "z", tiny_task.n_pos, per_position=True)  # 3 x 7 x 4 = 84 sites
-    estimate = attribute(gqa, tiny_task, sites, "atp")
-    checked = verify(gqa, tiny_task, estimate, top=10, sample=74, threshold=0.05)  # the whole rest
-    assert isinstance(checked, Verification) and checked.n_top == 10 and checked.n_rest == 74
-    order = estimate.effect.flatten().abs().argsort(descending=True)
-    assert list(checked.checked[:10]) == [estimate.sites[int(i)] for i in order[:10]]
-    exact = mechattr.patch(gqa, tiny_task, sites)
-    important = exact.effect.flatten().abs() > 0.05 * abs(exact.clean_metric - exact.corrupt_metric)
-    assert checked.important_top == int(important[order[:10]].sum())
-    assert checked.missed == int(important[order[10:]].sum()) == checked.missed_ci[0] == checked.missed_ci[1]
-    rho = stats.spearmanr(checked.estimated_effect, checked.exact.effect)[0]
-    assert checked.spearman == pytest.approx(rho) and rho > 0.5
-
-
-def test_verify_extrapolates_from_a_sample(gqa, tiny_task):
-    estimate = attribute(gqa, tiny_task, grid(gqa, "z", tiny_task.n_pos, per_position=True), "atp")
-    checked = verify(gqa, tiny_task, estimate, top=5, sample=20, seed=1, threshold=0.05)
-    assert len(checked.checked) == 25 and len(set(checked.checked)) == 25
-    low, high = checked.missed_ci
-    assert low <= checked.missed <= high <= checked.n_rest
-    assert checked.missed == pytest.approx(checked.important_sample / 20 * 79)
 
 
 @pytest.mark.slow

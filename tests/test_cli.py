@@ -13,9 +13,8 @@ import mechattr
 from mechattr.cli import main
 from mechattr.cli.common import UsageError, kinds
 from mechattr.finetune import Delta, masks
-from mechattr.finetune.cause_effect import cause_effect
 from mechattr.finetune.evaluation import task_scores
-from mechattr.tasks import ioi
+from mechattr.tasks import cause_effect, ioi
 
 SMALL = ["--n", "2", "--sites", "z", "--layers", "28,29"]
 

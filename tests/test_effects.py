@@ -3,7 +3,8 @@ import pytest
 import torch
 from scipy import stats
 
-from mechattr.effects import Effects, benjamini_hochberg, load_effects, save_effects
+from mechattr.effects import Effects, load_effects, save_effects
+from mechattr.stats import benjamini_hochberg
 from mechattr.sites import Grid, Site
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import mechattr
-from mechattr.finetune import (BottomSites, Full, LoRA, RandomSites, Text, TopSites, TrainConfig, cause_effect,
-                               compare, masks, n_trained)
+from mechattr.finetune import (BottomSites, Full, LoRA, RandomSites, Text, TopSites, TrainConfig, compare, masks,
+                               n_trained)
 from mechattr.finetune.methods import plain_model
 from mechattr.selection import select
-from mechattr.tasks import Task
+from mechattr.tasks import Task, cause_effect
 
 
 def random_task(seed, n=12):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from mechattr import Site
-from mechattr.patterns import attention_patterns, plot_attention
-from tests.test_attribution import bridge
+from mechattr.plots.attention import attention_patterns, plot_attention
+from tests.bridges import bridge
 
 
 def test_patterns_match_the_models_own_cache(tiny, tiny_task):

@@ -8,17 +8,19 @@ the data:
     table = causal.attribution_table(mechattr.load_model(), problem, trials=3)
     print(table.to_markdown())
 
-Modules: `problems` (networks and data), `settings` (the six do-operators), `prompts`, `scoring`
-(Yes/No log-odds, edge-list parsing), `metrics` (TDR, FDR, F1, SHD, AUROC, summaries), `table` (the
-attribution table), `pairwise` (pairwise discovery against knowledge).
+Modules: `problems` (networks and data), `settings` (the six do-operators, made-up words), `prompts`,
+`scoring` (Yes/No log-odds, edge-list parsing), `metrics` (TDR, FDR, F1, SHD, AUROC), `table` (the
+attribution table), `pairwise` (pairwise discovery against knowledge), `components` (knowledge vs data
+inside the model). `Summary` and `summarize` (over trials) live in `mechattr.stats`.
 """
 
-from mechattr.causal.metrics import Summary, auroc, f1, fdr, graph_metrics, shd, summarize, tdr
+from mechattr.causal.metrics import auroc, f1, fdr, graph_metrics, shd, tdr
 from mechattr.causal.pairwise import PairwiseResult, pairwise_discovery
 from mechattr.causal.problems import NETWORKS, Problem, from_csv, load
 from mechattr.causal.scoring import parse_edges, score_questions, select
 from mechattr.causal.settings import SETTINGS, conditions
 from mechattr.causal.table import ATTRIBUTIONS, AttributionTable, attribution_table
+from mechattr.stats import Summary, summarize
 
 __all__ = ["Problem", "NETWORKS", "load", "from_csv", "SETTINGS", "conditions", "parse_edges",
            "score_questions", "select", "tdr", "fdr", "f1", "shd", "auroc", "graph_metrics", "Summary",

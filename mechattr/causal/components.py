@@ -18,7 +18,6 @@ Examples must share one token length, so a task keeps the largest group of equal
 whose names no made-up word can match (token by token, data rows in place) are left out.
 """
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,15 +28,15 @@ from torch import Tensor
 from mechattr.causal.problems import Problem
 from mechattr.causal.prompts import describe, question
 from mechattr.causal.scoring import NO, YES
+from mechattr.causal.settings import made_up_words
 from mechattr.effects import Effects
 from mechattr.patching import patch
 from mechattr.sites import grid
-from mechattr.tasks import Task, TaskError
+from mechattr.tasks import Task, TaskError, largest_same_length, single_token, str_tokens
 
 __all__ = ["KnowledgeConfig", "AGAINST", "knowledge_task", "knowledge_effects", "prompt_parts"]
 
 AGAINST = ("S3", "S2")  # settings a corrupted prompt can come from
-_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"  # letters of made-up words
 _PLACEHOLDER = "?"  # stands in for every data-value token in the S2 prompt
 _KEEP = {",", "\n"}  # table punctuation kept in the S2 prompt
 
@@ -65,18 +64,6 @@ def _count(model: Any, text: str) -> int:
     return model.to_tokens(text, prepend_bos=False).shape[1]
 
 
-def _candidates(rng: np.random.Generator, n: int, avoid: set[str]) -> list[str]:
-    """`n` distinct made-up words of one to four consonant-vowel(-consonant) syllables, none in `avoid`."""
-    words: list[str] = []
-    while len(words) < n:
-        syllables = int(rng.integers(1, 5))
-        word = "".join(rng.choice(list(_CONSONANTS)) + rng.choice(list(_VOWELS))
-                       + (rng.choice(list(_CONSONANTS)) if rng.random() < 0.3 else "") for _ in range(syllables))
-        if word not in avoid and word not in words:
-            words.append(word)
-    return words
-
-
 def _s2_tokens(model: Any, head: str, body: str, tokens: Tensor) -> Tensor:
     """`tokens` (head + body, with BOS) with every data-value token of body's table replaced by '?'."""
     n_head = model.to_tokens(head).shape[1]
@@ -84,7 +71,7 @@ def _s2_tokens(model: Any, head: str, body: str, tokens: Tensor) -> Tensor:
     n_table = _count(model, table)
     if not torch.equal(model.to_tokens(head + table)[0], tokens[:n_head + n_table]):
         raise TaskError("the data rows do not tokenize on their own as inside the prompt; cannot mask them")
-    placeholder = model.to_tokens(_PLACEHOLDER, prepend_bos=False)[0, 0]
+    placeholder = single_token(model, _PLACEHOLDER, "placeholder")
     out = tokens.clone()
     for p in range(n_head, n_head + n_table):
         if model.tokenizer.decode([int(tokens[p])]).strip(" ") not in _KEEP:
@@ -127,7 +114,7 @@ def _example(model: Any, problem: Problem, edge: tuple[str, str], trial: int, ag
 
     fake = dict(real)
     for v in cols:
-        words = _candidates(rng, config.tries, set(problem.names.values()))
+        words = made_up_words(config.tries, rng, set(problem.names.values()), syllables=(1, 4), coda=0.3)
         words += [f"{x} {y}" for x, y in zip(words[::2], words[1::2])]  # for names of several words
         word = next((w for w in words if aligned({**fake, v: w})), None)
         if word is None:
@@ -144,7 +131,7 @@ def knowledge_task(model: Any, problem: Problem, against: str = "S3",
     module doc. Clean and corrupt tokens are [n, pos], aligned position by position."""
     if against not in AGAINST:
         raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
-    by_length: dict[int, list] = defaultdict(list)
+    examples: list = []
     failures: list[str] = []
     for trial in range(config.trials):
         for edge in problem.edges:
@@ -153,29 +140,32 @@ def knowledge_task(model: Any, problem: Problem, against: str = "S3",
             except TaskError as error:  # a name no made-up word matches: this edge cannot be aligned
                 failures.append(str(error))
                 continue
-            by_length[len(pair[0][0])].append(pair)
-    if not by_length:
+            examples.append(pair)
+    if not examples:
         raise TaskError(f"{problem.name}: no edge gives aligned S1/{against} prompts: " + "; ".join(failures))
-    pairs = max(by_length.values(), key=len)[: max(1, config.n // 2)]
+    pairs = largest_same_length(examples, lambda pair: len(pair[0][0]))[: max(1, config.n // 2)]
     rows = [example for pair in pairs for example in pair]
-    yes, no = (model.to_tokens(t, prepend_bos=False)[0, 0] for t in (YES, NO))
-    ids = {YES: yes, NO: no}
+    ids = {t: single_token(model, t) for t in (YES, NO)}
     clean = torch.stack([r[0] for r in rows])
     return Task(clean=clean, corrupt=torch.stack([r[1] for r in rows]),
-                answer=torch.stack([ids[r[2]] for r in rows]), wrong=torch.stack([ids[r[3]] for r in rows]),
+                answer=torch.tensor([ids[r[2]] for r in rows]), wrong=torch.tensor([ids[r[3]] for r in rows]),
                 name=f"{problem.name}_S1_vs_{against}",
-                str_tokens=tuple(model.tokenizer.decode([int(i)]) for i in clean[0]))
+                str_tokens=tuple(str_tokens(model, clean[0])))
 
 
 def knowledge_effects(model: Any, problem: Problem, kinds: Sequence[str] = ("resid_pre", "z"),
                       against: str = "S3", config: KnowledgeConfig = KnowledgeConfig(),
-                      layers: Sequence[int] | None = None, progress: bool | None = None) -> list[Effects]:
+                      layers: Sequence[int] | None = None, progress: bool | None = None,
+                      per_position: bool | None = None, task: Task | None = None) -> list[Effects]:
     """Exact patching (clean S1 into the corrupted `against` run) over each kind's grid: layer x pos for
-    block kinds, layer x head for heads. `layers` restricts the layer axis (default: every layer)."""
-    task = knowledge_task(model, problem, against, config)
+    block kinds, layer x head for heads (`per_position` as `grid` takes it). `layers` restricts the layer
+    axis (default: every layer). `task` is `knowledge_task(model, problem, against, config)` when the
+    caller already built it (the search for aligned made-up words takes a while)."""
+    task = knowledge_task(model, problem, against, config) if task is None else task
     out = []
     for kind in kinds:
-        effects = patch(model, task, grid(model, kind, task.n_pos, layers=layers), progress=progress)
+        effects = patch(model, task, grid(model, kind, task.n_pos, per_position=per_position, layers=layers),
+                        progress=progress)
         effects.meta.update({"problem": problem.name, "against": against, "rows": config.rows})
         out.append(effects)
     return out

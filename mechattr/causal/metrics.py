@@ -1,4 +1,4 @@
-"""Scores of a predicted causal graph against the truth, and summaries over trials.
+"""Scores of a predicted causal graph against the truth (summaries over trials: `mechattr.stats`).
 
 Definitions (those of the seed paper's causal attribution model, with E the true and Ê the predicted
 directed edges; its F1 is the harmonic mean of 1 - FDR and TDR, which makes TDR the share of true edges
@@ -12,16 +12,14 @@ found rather than 1 - FDR):
 - AUROC of pair scores against "the ordered pair is a true edge", ties counted as half.
 """
 
-from dataclasses import dataclass
 from typing import Iterable
 
 import networkx as nx
-import numpy as np
 from jaxtyping import Bool, Float
 from scipy import stats
 from torch import Tensor
 
-__all__ = ["tdr", "fdr", "f1", "shd", "auroc", "graph_metrics", "Summary", "summarize"]
+__all__ = ["tdr", "fdr", "f1", "shd", "auroc", "graph_metrics"]
 
 Edges = nx.DiGraph | Iterable[tuple[str, str]]
 
@@ -68,32 +66,3 @@ def graph_metrics(pred: Edges, truth: Edges) -> dict[str, float]:
     """TDR, FDR, F1, SHD and the number of predicted edges."""
     return {"TDR": tdr(pred, truth), "FDR": fdr(pred, truth), "F1": f1(pred, truth),
             "SHD": float(shd(pred, truth)), "n_pred": float(len(_edges(pred)))}
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Mean, sample standard deviation and a t-based confidence interval of values over trials."""
-
-    mean: float
-    sd: float  # with n - 1 in the denominator; NaN for one value
-    ci_low: float  # NaN for fewer than two values
-    ci_high: float
-    n: int
-    level: float = 0.95
-
-    def __str__(self) -> str:
-        return f"{self.mean:.3f} ± {self.sd:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}]"
-
-
-def summarize(values: Iterable[float], level: float = 0.95) -> Summary:
-    """mean ± t_{(1+level)/2, n-1} sd / sqrt(n) over the non-NaN values."""
-    x = np.asarray([v for v in values if not np.isnan(v)], dtype=float)
-    n = len(x)
-    if n == 0:
-        return Summary(float("nan"), float("nan"), float("nan"), float("nan"), 0, level)
-    mean = float(x.mean())
-    if n == 1:
-        return Summary(mean, float("nan"), float("nan"), float("nan"), 1, level)
-    sd = float(x.std(ddof=1))
-    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / np.sqrt(n)
-    return Summary(mean, sd, mean - half, mean + half, n, level)

@@ -19,11 +19,11 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from mechattr.causal import metrics
 from mechattr.causal.problems import Problem
 from mechattr.causal.prompts import describe, largest, question
 from mechattr.causal.scoring import parse_edges, score_questions
 from mechattr.causal.table import TEXT_MAX_TOKENS, chars_per_token, is_scored
+from mechattr.stats import Summary, summarize
 
 __all__ = ["PairwiseResult", "pairwise_discovery", "overwrite_cause", "lingam_direction", "METHODS"]
 
@@ -58,10 +58,10 @@ class PairwiseResult:
     trials: pd.DataFrame  # columns: trial, cause (data), effect (data), and one bool column per METHODS
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def accuracy(self, method: str) -> metrics.Summary:
+    def accuracy(self, method: str) -> Summary:
         if method not in METHODS:
             raise KeyError(f"unknown method {method!r}; valid: {list(METHODS)}")
-        return metrics.summarize(self.trials[method].astype(float))
+        return summarize(self.trials[method].astype(float))
 
     def to_dataframe(self) -> pd.DataFrame:
         return pd.DataFrame([{"method": m, **vars(self.accuracy(m))} for m in METHODS])

@@ -26,17 +26,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechattr.forward import attention_reads_cache
+from mechattr.tasks import single_token
 
 __all__ = ["YES", "NO", "score_questions", "parse_edges", "select"]
 
 YES, NO = " Yes", " No"
-
-
-def _token_id(model: Any, text: str) -> int:
-    ids = model.to_tokens(text, prepend_bos=False)[0]
-    if len(ids) != 1:
-        raise ValueError(f"answer {text!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
-    return int(ids[0])
 
 
 def _extend(model: Any, cache: Any, tokens: Tensor) -> Any:
@@ -71,7 +65,7 @@ def score_questions(model: Any, context: str, questions: Sequence[tuple[str, str
     The context runs once; each distinct stem runs once on top of it; only the endings run per question.
     Deterministic: no sampling, and the result does not depend on `batch_size` beyond float rounding.
     """
-    yes, no = _token_id(model, YES), _token_id(model, NO)
+    yes, no = single_token(model, YES), single_token(model, NO)
     ctx = model.to_tokens(context)  # (1, C), with BOS
     tokens = lambda text: model.to_tokens(text, prepend_bos=False)  # noqa: E731
     scores = torch.empty(len(questions))

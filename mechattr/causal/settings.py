@@ -74,12 +74,20 @@ _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
 
-def made_up_words(n: int, rng: np.random.Generator, avoid: set[str] = frozenset()) -> list[str]:
-    """`n` distinct pronounceable non-words of three consonant-vowel syllables ("kivaro"), none in `avoid`."""
+def made_up_words(n: int, rng: np.random.Generator, avoid: set[str] = frozenset(),
+                  syllables: int | tuple[int, int] = 3, coda: float = 0.0) -> list[str]:
+    """`n` distinct pronounceable non-words of consonant-vowel syllables ("kivaro"), none in `avoid` (in
+    any case). `syllables` is a count, or an inclusive range drawn per word; `coda` is the chance that a
+    syllable ends in a consonant too."""
     words: list[str] = []
     avoid = {a.lower() for a in avoid}
     while len(words) < n:
-        word = "".join(rng.choice(list(_CONSONANTS)) + rng.choice(list(_VOWELS)) for _ in range(3))
+        count = syllables if isinstance(syllables, int) else int(rng.integers(syllables[0], syllables[1] + 1))
+        word = ""
+        for _ in range(count):
+            word += rng.choice(list(_CONSONANTS)) + rng.choice(list(_VOWELS))
+            if coda and rng.random() < coda:  # no draw at all when codas are off
+                word += rng.choice(list(_CONSONANTS))
         if word not in avoid and word not in words:
             words.append(word)
     return words

@@ -24,6 +24,7 @@ from mechattr.causal.problems import Problem
 from mechattr.causal.prompts import INSTRUCTION, context, fit_rows, question
 from mechattr.causal.scoring import parse_edges, score_questions, select
 from mechattr.causal.settings import SETTINGS, Condition, conditions
+from mechattr.stats import Summary, summarize
 
 __all__ = ["ATTRIBUTIONS", "AttributionTable", "attribution_table", "is_scored", "chars_per_token"]
 
@@ -51,18 +52,18 @@ class AttributionTable:
     pairs: pd.DataFrame | None  # scored models: one row per (trial, setting, cause, effect): score, true
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self, setting: str, metric: str = "TDR") -> metrics.Summary:
+    def summary(self, setting: str, metric: str = "TDR") -> Summary:
         if setting not in SETTINGS or metric not in METRICS:
             raise KeyError(f"setting {setting!r} / metric {metric!r}; valid: {list(SETTINGS)} / {list(METRICS)}")
-        return metrics.summarize(self.trials.loc[self.trials.setting == setting, metric])
+        return summarize(self.trials.loc[self.trials.setting == setting, metric])
 
-    def attribution(self, name: str, metric: str = "TDR") -> metrics.Summary:
+    def attribution(self, name: str, metric: str = "TDR") -> Summary:
         """An attribution score (CAK, CAD, MAK, MAD) as the paired per-trial difference of `metric`."""
         if name not in ATTRIBUTIONS:
             raise KeyError(f"unknown attribution {name!r}; valid: {list(ATTRIBUTIONS)}")
         first, second = ATTRIBUTIONS[name]
         wide = self.trials.pivot(index="trial", columns="setting", values=metric)
-        return metrics.summarize(wide[first] - wide[second])
+        return summarize(wide[first] - wide[second])
 
     def to_dataframe(self) -> pd.DataFrame:
         """Tidy summary: one row per (setting or attribution, metric) with mean, sd, ci_low, ci_high, n."""

@@ -6,7 +6,9 @@
     mechattr verify     exact patching of an estimate's top sites and a sample of the rest
     mechattr discover   a circuit and its faithfulness curve
     mechattr finetune   precision fine-tuning of the top sites, with --compare against baselines
-    mechattr demo       IOI grids on smollm2-135m
+
+The task commands take --device and --dtype for the model. Choices and their help are read from the
+library's registries (`tasks.TASKS`, `interventions.INTERVENTIONS`, `attribution.METHODS`, ...).
 
 Every command reports bad input (unknown kind, layer out of range, mismatched lengths, missing model or
 file) as one paragraph on stderr and exit status 2, never a traceback (MECHATTR_DEBUG=1 shows it).

@@ -1,17 +1,25 @@
 """`mechattr verify` (estimate, then check by exact patching) and `mechattr discover` (circuits)."""
 
 import argparse
-import json
 from pathlib import Path
 
-from mechattr.cli.common import UsageError, add_task_args, effects_from, load, positive, task_defaults
+from mechattr.cli.common import (UsageError, add_task_args, check_choice, choices_help, effects_from, load, positive,
+                                 task_defaults)
 
 __all__ = ["add"]
 
-_ABLATIONS = ("noise", "mean", "zero", "resample")
+
+def _ablations() -> list[str]:
+    """The interventions circuit discovery can ablate with, from the registry."""
+    from mechattr.interventions import INTERVENTIONS
+
+    return [name for name, cls in INTERVENTIONS.items() if cls.ablates]
 
 
 def add(sub: argparse._SubParsersAction) -> None:
+    from mechattr.attribution import METHODS
+    from mechattr.circuits import LEVELS
+
     v = sub.add_parser("verify", help="exact patching of an estimate's top sites and a random sample of the rest")
     v.add_argument("--effects", required=True, help="directory (or its effects.safetensors) written by attribute")
     v.add_argument("--kind", default=None, help="which saved grid to verify (default: the only one)")
@@ -24,9 +32,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("discover", help="a circuit: rank by attribution, prune by exact patching")
     add_task_args(d)
-    d.add_argument("--level", default="node", help="node or edge")
-    d.add_argument("--method", default="atp", help="attribution used to rank: atp, atp* or ig")
-    d.add_argument("--ablation", default="noise", help=f"what ablated components get: {', '.join(_ABLATIONS)}")
+    d.add_argument("--level", default=LEVELS[0], help=choices_help(LEVELS, "what a circuit is made of"))
+    d.add_argument("--method", default="atp", help=choices_help(METHODS, "attribution used to rank"))
+    d.add_argument("--ablation", default="noise", help=choices_help(_ablations(), "what ablated components get"))
     d.add_argument("--target", type=float, default=0.8, help="faithfulness the circuit must keep")
     d.add_argument("--threshold", type=float, default=0.01, help="pruning threshold, a fraction of the gap")
     d.add_argument("--points", type=int, default=24, help="points on the faithfulness curve")
@@ -38,7 +46,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 def cmd_verify(args: argparse.Namespace) -> None:
     import mechattr
     from mechattr import plots
-    from mechattr.attribution_plots import plot_estimate_vs_exact
+    from mechattr.plots.estimates import plot_estimate_vs_exact
+    from mechattr.storage import write_json
 
     positive("--top", args.top)
     if args.sample < 0:
@@ -62,7 +71,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
                "important_sample": checked.important_sample, "missed": checked.missed,
                "missed_ci": list(checked.missed_ci), "sites": [str(s) for s in checked.checked],
                "estimated": checked.estimated_effect.tolist(), "exact": checked.exact.effect.tolist()}
-    (out / "verification.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / "verification.json", summary, indent=1)
     plots.save(plot_estimate_vs_exact(checked).figure, out / "estimate_vs_exact.png")
     print(f"Spearman {checked.spearman:.3f} over {len(checked.checked)} checked sites; "
           f"estimated missed important sites {checked.missed:.1f} "
@@ -73,16 +82,13 @@ def cmd_discover(args: argparse.Namespace) -> None:
     import mechattr
     from mechattr import plots
     from mechattr.attribution import METHODS
-    from mechattr.attribution_plots import plot_circuit, plot_faithfulness
+    from mechattr.plots.estimates import plot_circuit, plot_faithfulness
     from mechattr.circuits import LEVELS
     from mechattr.interventions import by_name
 
-    if args.level not in LEVELS:
-        raise UsageError(f"unknown circuit level {args.level!r}; valid: {', '.join(LEVELS)}")
-    if args.method not in METHODS:
-        raise UsageError(f"unknown attribution method {args.method!r}; valid: {', '.join(METHODS)}")
-    if args.ablation not in _ABLATIONS:
-        raise UsageError(f"unknown ablation {args.ablation!r}; valid: {', '.join(_ABLATIONS)}")
+    check_choice("circuit level", args.level, LEVELS)
+    check_choice("attribution method", args.method, METHODS)
+    check_choice("ablation", args.ablation, _ablations())
     positive("--points", args.points)
     model, task = load(args)
     circuit = mechattr.discover(model, task, args.level, method=args.method, ablation=by_name(args.ablation),

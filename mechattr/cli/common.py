@@ -4,31 +4,58 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["UsageError", "add_task_args", "add_grid_args", "positive", "task_of", "load", "kinds", "layers", "grids",
-           "is_writer", "write_effects", "effects_from", "task_defaults"]
+__all__ = ["UsageError", "choices_help", "describe", "check_choice", "add_task_args", "add_grid_args", "positive",
+           "task_of", "load_model", "load", "kinds", "layers", "grids", "is_writer", "write_effects", "effects_from",
+           "task_defaults"]
+
+_DEFAULT_TASK, _DEFAULT_N, _DEFAULT_METRIC = "ioi", 8, "logit_diff"
 
 
 class UsageError(Exception):
     """Bad input found by the command line itself."""
 
 
+def choices_help(entries: dict[str, Any] | Sequence[str], what: str) -> str:
+    """"what: a, b or c" from a registry's names, for an option's help."""
+    names = list(entries)
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return f"{what}: {listed}"
+
+
+def describe(classes: dict[str, type]) -> str:
+    """"name: first line of its docstring; ..." for a registry of classes, for an option's help."""
+    return "; ".join(f"{name}: {cls.__doc__.strip().splitlines()[0].rstrip('.:')}" for name, cls in classes.items())
+
+
 def add_task_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """--model, --task, --n, --seed, --metric. Without `defaults` they default to None, for commands that
-    fill them from a saved result's metadata."""
+    """--model, --task, --n, --seed, --metric, --device, --dtype. Without `defaults` the task arguments
+    default to None, for commands that fill them from a saved result's metadata."""
+    from mechattr.models import DEFAULT_MODEL
+    from mechattr.tasks import METRICS, TASKS
+
     d = (lambda value: value) if defaults else (lambda value: None)
-    p.add_argument("--model", default=d("smollm2-135m"),
-                   help="smollm2-135m (offline), a Hugging Face id or a directory")
-    p.add_argument("--task", default=d("ioi"),
-                   help="ioi, facts, cause_effect, or a .jsonl file of {clean, corrupt, answer, wrong}")
-    p.add_argument("--n", "--examples", dest="n", type=int, default=d(8),
+    p.add_argument("--model", default=d(DEFAULT_MODEL),
+                   help=f"{DEFAULT_MODEL} (offline), a Hugging Face id, a .gguf file or a directory")
+    p.add_argument("--task", default=d(_DEFAULT_TASK),
+                   help="; ".join(f"{name}: {entry.help}" for name, entry in TASKS.items())
+                   + "; or a .jsonl file of {clean, corrupt, answer, wrong}")
+    p.add_argument("--n", "--examples", dest="n", type=int, default=d(_DEFAULT_N),
                    help="examples for built-in tasks (under torchrun write --examples: it takes --n as its own)")
     p.add_argument("--seed", type=int, default=d(0), help="seed for built-in tasks")
-    p.add_argument("--metric", default=d("logit_diff"), help="logit_diff, answer_prob or kl")
+    p.add_argument("--metric", default=d(_DEFAULT_METRIC), help=describe(METRICS))
+    p.add_argument("--device", default=None, help="where the model runs, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--dtype", default=None, help="weight dtype, e.g. float32, bfloat16, float16 (default: float32)")
 
 
 def add_grid_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sites", default="resid_pre,attn_out,mlp_out,z", help="comma-separated site kinds")
-    p.add_argument("--intervention", default="denoise", help="denoise, noise, zero, mean, resample, gaussian")
+    from mechattr.interventions import INTERVENTIONS
+    from mechattr.sites import KINDS
+
+    usable = {name: cls for name, cls in INTERVENTIONS.items() if cls.by_name_ok}
+    p.add_argument("--sites", default="resid_pre,attn_out,mlp_out,z",
+                   help=f"comma-separated site kinds, of: {', '.join(KINDS)}")
+    p.add_argument("--intervention", default="denoise",
+                   help=choices_help(usable, "what a patched site is set to (see mechattr.interventions)"))
     p.add_argument("--per-position", action="store_true", help="head kinds get a position axis too")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     p.add_argument("--distributed", action="store_true",
@@ -36,29 +63,35 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
 
 
+def check_choice(what: str, value: str, entries: dict[str, Any] | Sequence[str]) -> None:
+    """Raise a UsageError naming the valid entries unless `value` is one of them."""
+    if value not in entries:
+        raise UsageError(f"unknown {what} {value!r}; valid: {', '.join(entries)}")
+
+
 def positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value}")
 
 
-def task_of(model: Any, name: str, n: int, seed: int, split: str = "train") -> Any:
-    """A task by name; `split` picks the training or held-out part of cause_effect."""
+def task_of(model: Any, name: str, n: int, seed: int) -> Any:
+    """A task of the registry by name, or from a .jsonl file."""
     from mechattr import tasks
-    from mechattr.finetune import cause_effect
 
     positive("--n", n)
-    if name not in ("ioi", "facts", "cause_effect") and not (name.endswith(".jsonl") or Path(name).exists()):
-        raise UsageError(f"unknown task {name!r}; valid: ioi, facts, cause_effect, or a path to a .jsonl file")
-    if name == "cause_effect":
-        return cause_effect(model, split, seed=seed)
     return tasks.by_name(model, name, n=n, seed=seed)
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model --model names, on --device in --dtype."""
+    import mechattr
+
+    return mechattr.load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model and the task (with its metric) that --model, --task, --n, --seed and --metric name."""
-    import mechattr
-
-    model = mechattr.load_model(args.model)
+    model = load_model(args)
     return model, task_of(model, args.task, args.n, args.seed).with_metric(args.metric)
 
 
@@ -132,7 +165,9 @@ def effects_from(path: str, kind_spec: str | None = None) -> list:
 
 def task_defaults(args: argparse.Namespace, meta: dict[str, Any], names: Sequence[str]) -> None:
     """Fill the task arguments left unset from a saved result's metadata, then from the usual defaults."""
-    fallback = {"model": "smollm2-135m", "task": "ioi", "n": 8, "seed": 0, "metric": "logit_diff"}
+    from mechattr.models import DEFAULT_MODEL
+
+    fallback = {"model": DEFAULT_MODEL, "task": _DEFAULT_TASK, "n": _DEFAULT_N, "seed": 0, "metric": _DEFAULT_METRIC}
     saved = {"model": meta.get("model"), "task": meta.get("task_spec"), "n": meta.get("n"),
              "seed": meta.get("seed"), "metric": meta.get("metric")}
     for name in names:

@@ -1,37 +1,47 @@
 """`mechattr finetune`: precision fine-tuning of the top sites of saved effects, and `--compare` against
-the baselines (bottom-k, random sites and LoRA of the same size, full fine-tuning)."""
+the baselines of `finetune.methods.METHODS` (random sites and LoRA of the same size, bottom-k, full)."""
 
 import argparse
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mechattr.cli.common import UsageError, add_task_args, effects_from, positive, task_defaults, task_of
+from mechattr.cli.common import (UsageError, add_task_args, check_choice, choices_help, effects_from, load_model,
+                                 positive, task_defaults, task_of)
 
 __all__ = ["add"]
 
-_KV = ("any", "never")
+
+def _baselines() -> list[str]:
+    """The fine-tuning methods of the registry other than precision fine-tuning itself."""
+    from mechattr.finetune.methods import METHODS, TopSites
+
+    return [name for name, cls in METHODS.items() if cls is not TopSites]
 
 
 def add(sub: argparse._SubParsersAction) -> None:
+    from mechattr.finetune.data import LOSSES
+    from mechattr.finetune.masks import KV_MODES
+
     f = sub.add_parser("finetune", help="train only the parameters of the top sites of saved effects")
     f.add_argument("--sites-from", required=True, help="effects directory (or its effects.safetensors)")
     f.add_argument("--kinds", default=None, help="which saved grids to select from (default: all)")
     f.add_argument("--top-k", type=int, required=True, help="sites to train, by |effect|")
     f.add_argument("--significant-only", action="store_true", help="only BH-significant cells are eligible")
-    f.add_argument("--kv", default="any", help="GQA key/value groups: train when any head is selected (any) "
-                                              "or never")
+    f.add_argument("--kv", default=KV_MODES[0], help=choices_help(KV_MODES, "GQA key/value groups")
+                   + " (any: a group trains when any of its heads is selected)")
     add_task_args(f, defaults=False)
     f.add_argument("--heldout", type=float, default=0.3, help="share of the examples (pairs) held out")
     f.add_argument("--steps", type=int, default=100)
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--weight-decay", type=float, default=0.0)
-    f.add_argument("--loss", default="ce", help="ce (answer cross-entropy) or logit_diff")
+    f.add_argument("--loss", default="ce", help="; ".join(f"{name}: {what}" for name, what in LOSSES.items()))
     f.add_argument("--compare", action="store_true", help="also run the baselines; writes comparison.md/.json")
     f.add_argument("--seeds", default="0,1,2", help="seeds for --compare")
+    f.add_argument("--baselines", default=",".join(_baselines()),
+                   help=choices_help(_baselines(), "with --compare, comma-separated methods to compare with"))
     f.add_argument("--estimate-from", default=None,
                    help="with --compare: an attribution estimate's effects, for precision from attribution")
     f.add_argument("--out", required=True, help="output directory")
@@ -39,35 +49,33 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def split(model: Any, args: argparse.Namespace) -> tuple[Any, Any]:
-    """Training and held-out tasks: cause_effect splits by pair; other tasks by example (seeded)."""
-    import torch
+    """Training and held-out tasks, split the task's own way (cause_effect by pair) or by example (seeded)."""
+    from mechattr.tasks import train_heldout
 
     if not 0 < args.heldout < 1:
         raise UsageError(f"--heldout must be a share between 0 and 1, got {args.heldout}")
-    if args.task == "cause_effect":
-        from mechattr.finetune import cause_effect
-
-        return tuple(cause_effect(model, s, heldout=args.heldout, seed=args.seed).with_metric(args.metric)
-                     for s in ("train", "heldout"))
-    task = task_of(model, args.task, args.n, args.seed).with_metric(args.metric)
-    n_held = round(args.heldout * task.n_examples)
-    if not 0 < n_held < task.n_examples:
-        raise UsageError(f"--heldout {args.heldout} of {task.n_examples} examples leaves no training or no "
-                         f"held-out example; use more examples (--n)")
-    order = torch.randperm(task.n_examples, generator=torch.Generator().manual_seed(args.seed)).tolist()
-    return task.subset(sorted(order[n_held:])), task.subset(sorted(order[:n_held]))
+    positive("--n", args.n)
+    parts = train_heldout(model, args.task, args.n, args.seed, args.heldout)
+    return tuple(part.with_metric(args.metric) for part in parts)
 
 
 def _check(args: argparse.Namespace) -> None:
     positive("--top-k", args.top_k)
     positive("--steps", args.steps)
     positive("--batch-size", args.batch_size)
-    if args.kv not in _KV:
-        raise UsageError(f"--kv must be one of {', '.join(_KV)}, got {args.kv!r}")
-    if args.loss not in ("ce", "logit_diff"):
-        raise UsageError(f"--loss must be ce or logit_diff, got {args.loss!r}")
+    from mechattr.finetune.data import LOSSES
+    from mechattr.finetune.masks import KV_MODES
+
+    check_choice("--kv mode", args.kv, KV_MODES)
+    check_choice("--loss", args.loss, LOSSES)
     if args.estimate_from and not args.compare:
         raise UsageError("--estimate-from only applies with --compare")
+    for name in _names(args.baselines):
+        check_choice("baseline", name, _baselines())
+
+
+def _names(spec: str) -> list[str]:
+    return [name.strip() for name in spec.split(",") if name.strip()]
 
 
 def _seeds(spec: str) -> list[int]:
@@ -80,27 +88,20 @@ def _seeds(spec: str) -> list[int]:
     return seeds
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    tmp.replace(path)
-
-
 def cmd_finetune(args: argparse.Namespace) -> None:
-    import mechattr
     from mechattr import plots
-    from mechattr.finetune import Checkpoint, Text, TopSites, TrainConfig, compare, train
+    from mechattr.finetune import Checkpoint, Text, TopSites, TrainConfig, train
     from mechattr.finetune.compare import UNRELATED_TEXT, Evaluation
     from mechattr.finetune.memory import PeakMemory
-    from mechattr.finetune.methods import BottomSites, Full, LoRA, RandomSites
-    from mechattr.finetune.plots import plot_comparison, plot_losses
+    from mechattr.plots.finetune import plot_losses
+    from mechattr.storage import write_json
     from mechattr.tasks import ioi
 
     _check(args)
     seeds = _seeds(args.seeds) if args.compare else []
     effects = effects_from(args.sites_from, args.kinds)
     task_defaults(args, effects[0].meta, ("model", "task", "n", "seed", "metric"))
-    base = mechattr.load_model(args.model)
+    base = load_model(args)
     train_task, heldout = split(base, args)
     config = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                          weight_decay=args.weight_decay, loss=args.loss, seed=args.seed)
@@ -111,7 +112,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    setup = precision.build(mechattr.load_model(args.model), args.seed, None)
+    setup = precision.build(load_model(args), args.seed, None)
     checkpoint = out / "checkpoint.pt"  # a rerun of an interrupted command continues from here
     with PeakMemory() as memory:
         result = train(setup.model, setup.masks, train_task, config, [Checkpoint(checkpoint, every=10)],
@@ -125,21 +126,33 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                "base": evaluation.base, "trained": evaluation(setup.model, train_task), "wall_s": result.wall_s,
                "peak_mb": memory.peak_bytes / 2**20 if memory.peak_bytes is not None else None,
                "losses": list(result.losses)}
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics, indent=1, default=str)
     plots.save(plot_losses(result.losses, label=f"precision, top {args.top_k}").figure, out / "training.png")
     checkpoint.unlink()
     print(f"trained {result.n_trained:,} entries ({100 * metrics['trained_fraction']:.3f}% of the model); "
           f"held-out accuracy {evaluation.base['heldout_accuracy']:.3f} -> {metrics['trained']['heldout_accuracy']:.3f}; "
           f"wrote {out}")
     if args.compare:
-        methods = [precision]
-        if args.estimate_from:
-            methods.append(TopSites(effects_from(args.estimate_from, args.kinds), k=args.top_k, kv=args.kv,
-                                    significant_only=args.significant_only, tag="precision (attribution)"))
-        methods += [RandomSites(effects, kv=args.kv), BottomSites(effects, k=args.top_k, kv=args.kv), LoRA(), Full()]
-        start = time.time()
-        table = compare(args.model, train_task, heldout, methods, config, seeds, other_task=other, text=text)
-        table.save(out)
-        plots.save(plot_comparison(table), out / "comparison.png")
-        print(table.to_markdown())
-        print(f"compared {len(methods)} methods over {len(seeds)} seed(s) in {time.time() - start:.0f} s")
+        _compare(args, out, effects, precision, (train_task, heldout, other, text), config, seeds)
+
+
+def _compare(args: argparse.Namespace, out: Path, effects: list, precision: Any, data: tuple, config: Any,
+             seeds: list[int]) -> None:
+    """--compare: precision fine-tuning against the --baselines on the same data, steps and seeds."""
+    from mechattr import plots
+    from mechattr.finetune import TopSites, compare
+    from mechattr.finetune.methods import METHODS
+    from mechattr.plots.finetune import plot_comparison
+
+    train_task, heldout, other, text = data
+    methods = [precision]
+    if args.estimate_from:
+        methods.append(TopSites(effects_from(args.estimate_from, args.kinds), k=args.top_k, kv=args.kv,
+                                significant_only=args.significant_only, tag="precision (attribution)"))
+    methods += [METHODS[name].against(effects, args.top_k, args.kv) for name in _names(args.baselines)]
+    start = time.time()
+    table = compare(lambda: load_model(args), train_task, heldout, methods, config, seeds, other_task=other, text=text)
+    table.save(out)
+    plots.save(plot_comparison(table), out / "comparison.png")
+    print(table.to_markdown())
+    print(f"compared {len(methods)} methods over {len(seeds)} seed(s) in {time.time() - start:.0f} s")

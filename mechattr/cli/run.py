@@ -1,4 +1,4 @@
-"""`mechattr run`: the main job (see `mechattr.pipeline`), resumable in its output directory."""
+"""`mechattr run`: the main job (see `mechattr.app`), resumable in its output directory."""
 
 import argparse
 import time
@@ -18,7 +18,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from mechattr.pipeline import RunConfig, run
+    from mechattr.app import RunConfig, run
 
     config = RunConfig.quick(model=args.model) if args.quick else RunConfig(model=args.model)
     out = Path(args.out or Path("runs") / args.name)

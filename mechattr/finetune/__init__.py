@@ -13,7 +13,6 @@ checkpoint; `Delta.apply` checks this.
 """
 
 from mechattr.finetune.callbacks import Checkpoint, Evaluate
-from mechattr.finetune.cause_effect import cause_effect
 from mechattr.finetune.compare import ComparisonTable, compare
 from mechattr.finetune.data import Text
 from mechattr.finetune.delta import Delta, merge
@@ -23,4 +22,4 @@ from mechattr.finetune.trainer import Callback, FinetuneResult, TrainConfig, tra
 
 __all__ = ["masks", "full_masks", "union", "n_trained", "train", "TrainConfig", "FinetuneResult", "Callback",
            "Checkpoint", "Evaluate", "Text", "Delta", "merge", "compare", "ComparisonTable", "TopSites",
-           "BottomSites", "RandomSites", "LoRA", "Full", "cause_effect"]
+           "BottomSites", "RandomSites", "LoRA", "Full"]

@@ -22,6 +22,8 @@ from mechattr.finetune.memory import PeakMemory
 from mechattr.finetune.methods import Method
 from mechattr.finetune.trainer import TrainConfig, train
 from mechattr.models import load_model
+from mechattr.stats import mean_sd
+from mechattr.storage import write_text
 from mechattr.tasks import Task, ioi
 
 __all__ = ["ComparisonTable", "Evaluation", "compare", "UNRELATED_TEXT"]
@@ -52,15 +54,6 @@ _COLUMNS = (  # (key, header, format)
 )
 
 
-def _mean_sd(values: list[float | int | None]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, sd
-
-
 def _cell(mean: float, sd: float, fmt: str) -> str:
     if math.isnan(mean):
         return "n/a"
@@ -83,7 +76,7 @@ class ComparisonTable:
             rows = [r for r in self.rows if r["method"] == method]
             entry: dict[str, Any] = {"method": method, "seeds": len(rows)}
             for key, _, _ in _COLUMNS:
-                entry[key], entry[f"{key}_sd"] = _mean_sd([r[key] for r in rows])
+                entry[key], entry[f"{key}_sd"] = mean_sd([r[key] for r in rows])
             out.append(entry)
         return out
 
@@ -105,9 +98,8 @@ class ComparisonTable:
     def save(self, directory: str | Path) -> Path:
         """`comparison.md` and `comparison.json` in `directory`."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "comparison.md").write_text(self.to_markdown() + "\n")
-        (directory / "comparison.json").write_text(self.to_json() + "\n")
+        write_text(directory / "comparison.md", self.to_markdown() + "\n")
+        write_text(directory / "comparison.json", self.to_json() + "\n")
         return directory
 
 

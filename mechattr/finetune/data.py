@@ -16,7 +16,8 @@ from mechattr.tasks import Task
 
 __all__ = ["Text", "Data", "LOSSES", "logits_of", "batch_indices", "loss"]
 
-LOSSES = ("ce", "logit_diff")  # task losses: cross-entropy of the answer, or minus the logit difference
+# The task losses, with a line each for the command line's help.
+LOSSES = {"ce": "cross-entropy of the answer", "logit_diff": "minus the answer-minus-wrong logit difference"}
 
 
 @dataclass(frozen=True, eq=False)

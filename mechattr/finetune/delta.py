@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mechattr.selection import SiteSet
+from mechattr.storage import write_safetensors
 
 __all__ = ["Delta", "merge", "COMPAT"]
 
@@ -93,10 +94,7 @@ class Delta:
             tensors[f"{name}::probe_value"] = self.probes[name][1].contiguous().cpu()
         header = {"format": _FORMAT, "base_model": self.base_model, "coordinates": self.coordinates,
                   "shapes": {k: list(v) for k, v in self.shapes.items()}, "sites": self.sites.to_json()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"mechattr": json.dumps(header)})
-        tmp.replace(path)  # never leave a half-written delta under the real name
-        return path
+        return write_safetensors(path, tensors, {"mechattr": json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Delta":

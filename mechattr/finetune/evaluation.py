@@ -11,6 +11,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechattr.finetune.data import logits_of
+from mechattr.stats import kl_divergence
 from mechattr.tasks import Task
 
 __all__ = ["task_scores", "log_probs", "kl_from_base"]
@@ -42,4 +43,4 @@ def kl_from_base(model: Any, tokens: Int[Tensor, "n pos"], base: Float[Tensor, "
                  batch: int = 16) -> float:
     """Mean over positions of KL(base || model) in nats; `base` from `log_probs` on the base model."""
     logp = log_probs(model, tokens, batch)
-    return float((base.exp() * (base - logp)).sum(-1).mean())
+    return float(kl_divergence(base, logp).mean())

@@ -18,7 +18,7 @@ from mechattr.effects import Effects
 from mechattr.finetune.masks import full_masks, masks, n_trained
 from mechattr.selection import SiteSet, select
 
-__all__ = ["Setup", "Method", "TopSites", "BottomSites", "RandomSites", "LoRA", "Full", "plain_model"]
+__all__ = ["Setup", "Method", "TopSites", "BottomSites", "RandomSites", "LoRA", "Full", "METHODS", "plain_model"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +43,11 @@ class Method:
     def build(self, model: Any, seed: int, target: int | None) -> Setup:
         raise NotImplementedError
 
+    @classmethod
+    def against(cls, effects: Effects | list[Effects], k: int, kv: str) -> "Method":
+        """This method set up to compare with precision fine-tuning of the top `k` sites of `effects`."""
+        return cls()
+
 
 def _ranked(effects: Effects | list[Effects]) -> SiteSet:
     """Every site of the grids, by decreasing |effect| (no significance filter)."""
@@ -54,6 +59,8 @@ def _ranked(effects: Effects | list[Effects]) -> SiteSet:
 class TopSites(Method):
     """Precision fine-tuning: the `k` sites of largest |effect|."""
 
+    name: ClassVar[str] = "precision"
+
     effects: Effects | list[Effects]
     k: int = 8  # sites to train
     kv: str = "any"  # head sites train their key/value group: "any" (when selected) or "never"
@@ -64,6 +71,10 @@ class TopSites(Method):
     @property
     def label(self) -> str:
         return self.tag
+
+    @classmethod
+    def against(cls, effects: Effects | list[Effects], k: int, kv: str) -> Method:
+        return cls(effects, k=k, kv=kv)
 
     def build(self, model, seed, target):
         sites = select(self.effects, top_k=self.k, significant_only=self.significant_only)
@@ -82,6 +93,10 @@ class BottomSites(Method):
     kv: str = "any"  # as in TopSites
     lr: float | None = None
 
+    @classmethod
+    def against(cls, effects: Effects | list[Effects], k: int, kv: str) -> Method:
+        return cls(effects, k=k, kv=kv)
+
     def build(self, model, seed, target):
         ranked = _ranked(self.effects)
         sites = SiteSet(ranked.sites[-self.k:][::-1], ranked.scores[-self.k:][::-1])
@@ -97,6 +112,10 @@ class RandomSites(Method):
     effects: Effects | list[Effects]
     kv: str = "any"  # as in TopSites
     lr: float | None = None
+
+    @classmethod
+    def against(cls, effects: Effects | list[Effects], k: int, kv: str) -> Method:
+        return cls(effects, kv=kv)  # matches the trained-parameter count, not the number of sites
 
     def build(self, model, seed, target):
         pool = list(_ranked(self.effects).sites)
@@ -171,3 +190,7 @@ class Full(Method):
 
     def build(self, model, seed, target):
         return Setup(model, full_masks(model), SiteSet())
+
+
+# The registry, the reference first, then the baselines in the order comparisons list them.
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TopSites, RandomSites, BottomSites, LoRA, Full)}

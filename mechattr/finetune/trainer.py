@@ -14,7 +14,7 @@ The model stays in eval mode (no dropout), so a run is a deterministic function 
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,9 +23,11 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechattr.finetune.data import Data, batch_indices, loss
+from mechattr.finetune.data import LOSSES, Data, Text, batch_indices, loss
 from mechattr.finetune.delta import COMPAT, Delta, probes_of
+from mechattr.runs import device_of
 from mechattr.selection import SiteSet
+from mechattr.storage import write_torch
 
 __all__ = ["TrainConfig", "TrainState", "FinetuneResult", "TrainedEntries", "Callback", "ProgressBar", "train",
            "save_checkpoint", "load_checkpoint", "optimizer_bytes"]
@@ -42,12 +44,14 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # clip the trained entries' gradient to this norm; None: never
     optimizer: str = "adamw"  # "adamw" (decoupled decay) or "sgd" (decay as an L2 term)
     momentum: float = 0.0  # SGD momentum
-    loss: str = "ce"  # task loss: "ce" (answer cross-entropy) or "logit_diff"; Text always uses LM loss
+    loss: str = "ce"  # task loss, one of `data.LOSSES`: "ce" (answer cross-entropy) or "logit_diff"; Text: LM loss
     seed: int = 0  # batch order
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss: unknown task loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"need steps >= 0 and batch_size >= 1, got {self.steps} and {self.batch_size}")
 
@@ -88,7 +92,7 @@ class TrainedEntries:
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match: entries per parameter, and the base values' checksum."""
         return {"entries": {name: n for name, _, _, _, n in self.slots},
-                "base_sum": float(self.base.double().sum())}
+                "base_sum": float(self.base.double().cpu().sum())}  # CPU: the same sum wherever trained
 
     def write(self) -> None:
         """Weights at the trained entries := base + delta; nothing else is touched."""
@@ -197,15 +201,12 @@ def save_checkpoint(state: TrainState, path: str | Path) -> Path:
     payload = {"step": state.step, "losses": list(state.losses), "delta": state.entries.delta.detach().clone(),
                "optimizer": state.optimizer.state_dict(), "fingerprint": state.entries.fingerprint(),
                "config": asdict(state.config)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return write_torch(path, payload)
 
 
 def load_checkpoint(state: TrainState, path: str | Path) -> None:
     """Continue `state` (built on the untrained base model) from a checkpoint of the same run."""
-    payload = torch.load(Path(path), weights_only=False)
+    payload = torch.load(Path(path), weights_only=False, map_location=state.entries.delta.device)
     expected, found = state.entries.fingerprint(), payload["fingerprint"]
     if expected["entries"] != found["entries"]:
         raise ValueError(f"checkpoint {path} trained other entries: {found['entries']} vs masks {expected['entries']}")
@@ -238,6 +239,15 @@ def _step(state: TrainState) -> float:
     return float(value.detach())
 
 
+def _on_model_device(data: Data, model: Any) -> Data:
+    """`data` where the model's inputs go (its embedding's device); on one device the answers meet the
+    logits there."""
+    device = device_of(model)
+    if isinstance(data, Text):
+        return replace(data, tokens=data.tokens.to(device))
+    return data.to(device)
+
+
 def train(model: Any, masks: dict[str, Bool[Tensor, "..."]], data: Data, config: TrainConfig = TrainConfig(),
           callbacks: Sequence[Callback] = (), *, resume: str | Path | None = None, progress: bool = True,
           sites: SiteSet | None = None, base_model: str | None = None) -> FinetuneResult:
@@ -248,7 +258,7 @@ def train(model: Any, masks: dict[str, Bool[Tensor, "..."]], data: Data, config:
     `base_model` (default: the model's config name) are recorded in the returned delta.
     """
     entries = TrainedEntries(model, masks)
-    state = TrainState(model, entries, _optimizer(entries.delta, config), config, data)
+    state = TrainState(model, entries, _optimizer(entries.delta, config), config, _on_model_device(data, model))
     if resume is not None:
         load_checkpoint(state, resume)
     callbacks = [*callbacks, *([ProgressBar()] if progress else [])]

@@ -1,10 +1,10 @@
 """Built-in tasks: indirect object identification (IOI) and factual recall with counterfactual subjects."""
 
 import random
-from collections import defaultdict
 from typing import Any
 
-from mechattr.tasks import Task, TaskError, from_prompts
+from mechattr.tasks.task import Task, TaskError
+from mechattr.tasks.tokens import from_prompts, largest_same_length
 
 __all__ = ["ioi", "facts", "IOI_TEMPLATES", "NAMES", "LANDMARKS"]
 
@@ -68,10 +68,7 @@ def facts(model: Any, n: int = 8, seed: int = 0) -> Task:
     Uses the largest group of landmarks whose prompts share one token length under the model's tokenizer.
     """
     _check_n("facts", n)
-    groups: dict[int, list[tuple[str, str]]] = defaultdict(list)
-    for subject, city in LANDMARKS:
-        groups[model.to_tokens(FACT_TEMPLATE.format(subject=subject)).shape[1]].append((subject, city))
-    group = max(groups.values(), key=len)
+    group = largest_same_length(LANDMARKS, lambda row: model.to_tokens(FACT_TEMPLATE.format(subject=row[0])).shape[1])
     if len({city for _, city in group}) < 2:
         raise TaskError("facts: no two landmarks with different cities tokenize to the same length")
     rng = random.Random(seed)

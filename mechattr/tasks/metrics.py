@@ -1,24 +1,31 @@
 """Task metrics: per-example numbers read from last-position logits.
 
 Every metric has one signature: `metric(logits, answer, wrong, reference) -> per-example values`, where
-`reference` holds the clean run's last-position log-probabilities (used by KL, ignored by the others).
+`reference` holds the clean run's last-position log-probabilities (used by KL, ignored by the others,
+which accept None).
+Each concrete `__call__` carries the annotations itself so that the runtime shape checker sees them.
 """
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["Metric", "LogitDiff", "AnswerProb", "KLToClean", "metric_by_name"]
+from mechattr.stats import kl_divergence
+
+__all__ = ["Metric", "LogitDiff", "AnswerProb", "KLToClean", "METRICS", "metric_by_name"]
+
+
+Logits = Float[Tensor, "n vocab"]  # last-position logits (or log-probabilities for `reference`)
+Ids = Int[Tensor, " n"]
+PerExample = Float[Tensor, " n"]
 
 
 class Metric:
     name: ClassVar[str] = "metric"
 
-    def __call__(self, logits: Float[Tensor, "n vocab"], answer: Int[Tensor, " n"], wrong: Int[Tensor, " n"],
-                 reference: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    def __call__(self, logits: Logits, answer: Ids, wrong: Ids, reference: Logits | None) -> PerExample:
         raise NotImplementedError
 
 
@@ -28,7 +35,7 @@ class LogitDiff(Metric):
 
     name: ClassVar[str] = "logit_diff"
 
-    def __call__(self, logits, answer, wrong, reference):
+    def __call__(self, logits: Logits, answer: Ids, wrong: Ids, reference: Logits | None) -> PerExample:
         return logits.gather(-1, answer[:, None])[:, 0] - logits.gather(-1, wrong[:, None])[:, 0]
 
 
@@ -38,7 +45,7 @@ class AnswerProb(Metric):
 
     name: ClassVar[str] = "answer_prob"
 
-    def __call__(self, logits, answer, wrong, reference):
+    def __call__(self, logits: Logits, answer: Ids, wrong: Ids, reference: Logits | None) -> PerExample:
         return logits.float().softmax(-1).gather(-1, answer[:, None])[:, 0]
 
 
@@ -48,15 +55,16 @@ class KLToClean(Metric):
 
     name: ClassVar[str] = "kl"
 
-    def __call__(self, logits, answer, wrong, reference):
-        logp = logits.float().log_softmax(-1)
-        return (reference.exp() * (reference - logp)).sum(-1)
+    def __call__(self, logits: Logits, answer: Ids, wrong: Ids, reference: Logits | None) -> PerExample:
+        if reference is None:
+            raise ValueError("the kl metric needs the clean run's log-probabilities as `reference`, got None")
+        return kl_divergence(reference, logits.float().log_softmax(-1))
 
 
-_METRICS = {m.name: m for m in (LogitDiff, AnswerProb, KLToClean)}
+METRICS: dict[str, type[Metric]] = {m.name: m for m in (LogitDiff, AnswerProb, KLToClean)}
 
 
 def metric_by_name(name: str) -> Metric:
-    if name not in _METRICS:
-        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(_METRICS)}")
-    return _METRICS[name]()
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+    return METRICS[name]()

@@ -16,8 +16,8 @@ from jaxtyping import Float, Int
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mechattr.patching import Forward
-from mechattr.sites import Site, model_shape
+from mechattr.forward import Forward
+from mechattr.sites import Site, hook_name, model_shape
 
 __all__ = ["attention_patterns", "plot_attention"]
 
@@ -40,7 +40,7 @@ def attention_patterns(model: Any, tokens: Int[Tensor, "n pos"], heads: Sequence
     """Each head's attention pattern on `tokens`, averaged over the prompts (rows sum to 1)."""
     shape = model_shape(model)
     _check(heads, shape["n_layers"], shape["n_heads"])
-    hooks = {site: f"blocks.{site.layer}.attn.hook_pattern" for site in heads}
+    hooks = {site: hook_name("pattern", site.layer) for site in heads}
     _, cache = Forward(model, tokens).cache(set(hooks.values()))
     return torch.stack([cache[hooks[site]][:, site.head].float().mean(0) for site in heads])
 

@@ -11,7 +11,7 @@ rerun into the same directory skips every stage whose record and files are compl
    each layer's attention and MLP output between S1 and S3 prompts (names replaced) and between S1 and
    S2 prompts (data values masked), see `causal.components`.
 3. `sites`: the attention heads that carry the direction of a cause-effect question: AtP over every
-   head on the training pairs of `finetune.cause_effect`, its top `candidates` verified by exact
+   head on the training pairs of `tasks.cause_effect`, its top `candidates` verified by exact
    patching; the `top_k` of largest exact |effect| are the precision sites.
 4. `finetune`: `finetune.compare` of precision fine-tuning on those heads, random heads with as many
    trained parameters and LoRA of about as many, on the same data, steps and seeds.
@@ -25,145 +25,35 @@ rerun into the same directory skips every stage whose record and files are compl
 """
 
 import json
-import math
-import os
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mechattr import causal
+from mechattr.app.config import RunConfig
+from mechattr.app.report import render
+from mechattr.app.store import DELTA_FILE, RunDirectory, write_json
 from mechattr.attribution import attribute
-from mechattr.causal.components import AGAINST, KnowledgeConfig, knowledge_task
-from mechattr.causal.metrics import summarize
+from mechattr.causal.components import AGAINST, knowledge_effects
 from mechattr.causal.prompts import context, question
-from mechattr.effects import Effects, save_effects
-from mechattr.finetune import (Checkpoint, Delta, Evaluate, LoRA, RandomSites, TopSites, TrainConfig, cause_effect,
-                               compare, train)
+from mechattr.effects import Effects
+from mechattr.finetune import Checkpoint, Delta, Evaluate, LoRA, RandomSites, TopSites, TrainConfig, compare, train
 from mechattr.finetune.evaluation import task_scores
 from mechattr.models import load_model
 from mechattr.patching import patch
-from mechattr.run_report import render
 from mechattr.selection import select
-from mechattr.sites import KINDS, grid
-from mechattr.tasks import Task
+from mechattr.sites import grid
+from mechattr.stats import summarize
+from mechattr.storage import write_text
 
-__all__ = ["RunConfig", "run", "STAGE_DIR", "DELTA_FILE"]
-
-STAGE_DIR = "stages"  # stage records, relative to the run directory
-DELTA_FILE = "delta.safetensors"  # the precision delta of the first seed
-_EFFECTS = "effects"
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What `run` measures and trains; the defaults take about ten minutes on a 2-core CPU."""
-
-    model: str = "smollm2-135m"  # name for mechattr.load_model
-    networks: tuple[str, ...] = ("asia", "sachs")  # networks of the input-level attribution table
-    trials: int = 3  # trials per table (column order, data rows and made-up names redrawn)
-    data_tokens: int = 160  # tokens for the data table in each table prompt, beyond the prompt without data
-    n_samples: int = 1000  # rows sampled from each network
-    component_network: str = "asia"  # network of the component-level knowledge-vs-data patching
-    component_kinds: tuple[str, ...] = ("attn_out", "mlp_out")  # patched per layer (all positions at once)
-    component_layers: tuple[int, ...] | None = None  # layers patched there (None: every layer)
-    component_rows: int = 3  # data rows in each component prompt
-    component_examples: int = 8  # most examples per component task
-    component_trials: int = 4  # row redraws per edge; more give more prompts of one token length to keep
-    candidates: int = 16  # heads AtP shortlists for exact patching on the training pairs
-    top_k: int = 8  # heads precision fine-tuning trains (the top by exact |effect|)
-    steps: int = 20  # optimizer steps of every fine-tuning run (fewer leave precision near chance)
-    batch_size: int = 8  # examples per step
-    lr: float = 1e-3  # learning rate of every method
-    seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the comparison; the first one's delta is kept
-    heldout: float = 0.3  # share of cause-effect pairs held out from training
-    reattribute: tuple[str, ...] = ("asia",)  # networks whose table is recomputed on the fine-tuned model
-    seed: int = 0  # draws data, prompts, made-up names and the train/held-out split
-    threads: int | None = 1  # torch CPU threads during the run (None: torch's default); see `run`
-    fast: bool = False  # a smoke-test configuration (see `quick`); the report says so
-
-    def __post_init__(self):
-        def bad(name: str, problem: str) -> None:
-            raise ValueError(f"RunConfig.{name}: {problem}")
-
-        for name in ("networks", "reattribute"):
-            unknown = [n for n in getattr(self, name) if n not in causal.NETWORKS]
-            if unknown or (name == "networks" and not self.networks):
-                bad(name, f"unknown network(s) {unknown or '(none given)'}; valid options: {list(causal.NETWORKS)}")
-        if self.component_network not in causal.NETWORKS:
-            bad("component_network", f"unknown network {self.component_network!r}; valid options: "
-                f"{list(causal.NETWORKS)}")
-        missing = [n for n in self.reattribute if n not in self.networks]
-        if missing:
-            bad("reattribute", f"{missing} not in networks {list(self.networks)}: a table after fine-tuning "
-                "is compared with the one before")
-        unknown_kinds = [k for k in self.component_kinds if k not in KINDS]
-        if unknown_kinds or not self.component_kinds:
-            bad("component_kinds", f"unknown site kind(s) {unknown_kinds or '(none given)'}; valid: {list(KINDS)}")
-        for name, low, why in (("top_k", 1, "a positive number of heads"), ("trials", 2, "at least 2 (intervals)"),
-                               ("steps", 1, "at least 1"), ("batch_size", 1, "at least 1"),
-                               ("component_rows", 1, "at least 1"), ("component_examples", 2, "at least 2"),
-                               ("component_trials", 1, "at least 1"),
-                               ("data_tokens", 16, "at least 16 tokens"), ("n_samples", 10, "at least 10 rows")):
-            if getattr(self, name) < low:
-                bad(name, f"must be {why}, got {getattr(self, name)}")
-        if self.component_layers is not None and (not self.component_layers or min(self.component_layers) < 0):
-            bad("component_layers", f"need None (every layer) or layer indices >= 0, got {self.component_layers}")
-        if self.candidates < self.top_k:
-            bad("candidates", f"must be at least top_k={self.top_k}, got {self.candidates}")
-        if self.threads is not None and self.threads < 1:
-            bad("threads", f"must be None (torch's default) or at least 1, got {self.threads}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            bad("seeds", f"need one or more distinct seeds, got {self.seeds}")
-        if not 0 < self.heldout < 1:
-            bad("heldout", f"must be a share in (0, 1), got {self.heldout}")
-        if not self.lr > 0:
-            bad("lr", f"must be positive, got {self.lr}")
-
-    @classmethod
-    def quick(cls, **changes: Any) -> "RunConfig":
-        """A small configuration for tests and CI: the 5-variable cancer network, short prompts, few layers,
-        heads, steps and seeds."""
-        small = dict(networks=("cancer",), trials=2, data_tokens=48, n_samples=200, component_network="cancer",
-                     component_kinds=("attn_out",), component_layers=(0, 8, 16, 24), component_rows=2,
-                     component_examples=4, component_trials=2, candidates=4, top_k=4, steps=4, seeds=(0,),
-                     reattribute=("cancer",), fast=True)
-        return cls(**{**small, **changes})
-
-    @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
-        values = json.loads(text)
-        return cls(**{f.name: tuple(values[f.name]) if isinstance(values[f.name], list) else values[f.name]
-                      for f in fields(cls) if f.name in values})
-
-
-def _jsonable(value: Any) -> Any:
-    """Strict JSON: non-finite floats become null, tuples lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary name beside `path`, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_atomic(path, json.dumps(_jsonable(value), indent=2, allow_nan=False) + "\n")
+__all__ = ["run", "effects_summary"]
 
 
 def _summary(values: list[float]) -> dict[str, float]:
+    """Mean, sd and 95% t interval of `values`, as a JSON-ready dict."""
     return vars(summarize(values))
 
 
@@ -180,70 +70,6 @@ def effects_summary(e: Effects, k: int = 5) -> dict[str, Any]:
             "max_abs_effect": float(e.effect.abs().max()), "top": top}
 
 
-class _Run:
-    """One run directory: the stage records, and the models and tasks the stages share (loaded lazily)."""
-
-    def __init__(self, config: RunConfig, out: Path, progress: bool, model: Any | None):
-        self.config, self.out, self.progress = config, out, progress
-        self._base, self._tuned, self._tasks = model, None, {}
-        self.log: dict[str, dict[str, Any]] = {}
-
-    @property
-    def base(self) -> Any:
-        if self._base is None:
-            self._base = load_model(self.config.model)
-        return self._base
-
-    @property
-    def tuned(self) -> Any:
-        """A fresh base model with the saved precision delta applied."""
-        if self._tuned is None:
-            self._tuned = Delta.load(self.out / DELTA_FILE).apply(load_model(self.config.model))
-        return self._tuned
-
-    def task(self, split: str) -> Task:
-        if split not in self._tasks:
-            self._tasks[split] = cause_effect(self.base, split, heldout=self.config.heldout, seed=self.config.seed)
-        return self._tasks[split]
-
-    def knowledge_task(self, against: str) -> Task:
-        """The S1-vs-`against` prompts (built once per process: the aligned made-up names take a while)."""
-        key = f"S1_vs_{against}"
-        if key not in self._tasks:
-            config = self.config
-            problem = causal.load(config.component_network, n_samples=config.n_samples, seed=config.seed)
-            self._tasks[key] = knowledge_task(self.base, problem, against, KnowledgeConfig(
-                rows=config.component_rows, trials=config.component_trials, n=config.component_examples,
-                seed=config.seed))
-        return self._tasks[key]
-
-    def effects(self, name: str) -> Effects:
-        return Effects.load(self.out / _EFFECTS / name)
-
-    def save_effects(self, name: str, effects: list[Effects], **meta: Any) -> list[str]:
-        save_effects(self.out / _EFFECTS / name, effects, model=self.config.model, **meta)
-        return [f"{_EFFECTS}/{name}/effects.json", f"{_EFFECTS}/{name}/effects.safetensors"]
-
-    def stage(self, name: str, compute: Callable[[], tuple[dict[str, Any], list[str]]]) -> dict[str, Any]:
-        """The stage's result: from its record when it and the files it lists exist, else computed and
-        recorded. `compute` returns (result, files written, relative to the run directory)."""
-        record_path = self.out / STAGE_DIR / f"{name}.json"
-        if record_path.is_file():
-            record = json.loads(record_path.read_text())
-            if all((self.out / f).is_file() for f in record["files"]):
-                self.log[name] = {"status": "reused", "seconds": record["seconds"]}
-                return record["result"]
-        if self.progress:
-            print(f"mechattr run: {name} ...", file=sys.stderr, flush=True)
-        torch.manual_seed(self.config.seed)  # a stage never depends on what ran before it in this process
-        start = time.perf_counter()
-        result, files = compute()
-        seconds = time.perf_counter() - start
-        write_json(record_path, {"result": result, "files": files, "seconds": seconds})
-        self.log[name] = {"status": "computed", "seconds": seconds}
-        return json.loads(record_path.read_text())["result"]  # the same value whether computed or reused
-
-
 def _budget(model: Any, problem: causal.Problem, config: RunConfig) -> int:
     """The table's prompt budget: its longest prompt without data over the trials (the made-up names
     differ per trial), plus `data_tokens`; so every network's prompts hold about as much data."""
@@ -255,14 +81,14 @@ def _budget(model: Any, problem: causal.Problem, config: RunConfig) -> int:
     return longest + config.data_tokens
 
 
-def _table(run: _Run, model: Any, network: str, when: str) -> tuple[dict[str, Any], list[str]]:
+def _table(run: RunDirectory, model: Any, network: str, when: str) -> tuple[dict[str, Any], list[str]]:
     config = run.config
     problem = causal.load(network, n_samples=config.n_samples, seed=config.seed)
     table = causal.attribution_table(model, problem, trials=config.trials, seed=config.seed,
                                      max_tokens=_budget(model, problem, config))
     files = [f"tables/{network}_{when}/trials.csv", f"tables/{network}_{when}/pairs.csv"]
-    write_atomic(run.out / files[0], table.trials.to_csv(index=False))
-    write_atomic(run.out / files[1], table.pairs.to_csv(index=False))
+    write_text(run.out / files[0], table.trials.to_csv(index=False))
+    write_text(run.out / files[1], table.pairs.to_csv(index=False))
     n = len(problem.variables)
     wide = table.trials.pivot(index="trial", columns="setting", values="TDR")
     result = {"network": network, "n_variables": n, "n_edges": len(problem.edges),
@@ -275,13 +101,14 @@ def _table(run: _Run, model: Any, network: str, when: str) -> tuple[dict[str, An
     return result, files
 
 
-def _knowledge(run: _Run, model: Any, when: str) -> tuple[dict[str, Any], list[str]]:
+def _knowledge(run: RunDirectory, model: Any, when: str) -> tuple[dict[str, Any], list[str]]:
     config = run.config
     result, files, decode = {}, [], model.tokenizer.decode
     for against in AGAINST:
         task = run.knowledge_task(against)  # the same prompts before and after fine-tuning
-        effects = [patch(model, task, grid(model, kind, task.n_pos, per_position=False, layers=config.component_layers),
-                         progress=run.progress) for kind in config.component_kinds]
+        effects = knowledge_effects(model, run.component_problem, config.component_kinds, against, run.knowledge_config,
+                                    layers=config.component_layers, progress=run.progress, per_position=False,
+                                    task=task)
         files += run.save_effects(f"knowledge_{against}_{when}", effects, task=task.name, against=against,
                                   problem=config.component_network, stage=when)
         result[against] = {"task": task.name, "n_pos": task.n_pos, "clean_prompt": decode(task.clean[0, 1:]),
@@ -290,7 +117,7 @@ def _knowledge(run: _Run, model: Any, when: str) -> tuple[dict[str, Any], list[s
     return result, files
 
 
-def _sites(run: _Run) -> tuple[dict[str, Any], list[str]]:
+def _sites(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     config, model, task = run.config, run.base, run.task("train")
     estimate = attribute(model, task, grid(model, "z"), "atp")
     shortlist = [site for site, _ in estimate.top(config.candidates)]
@@ -314,14 +141,14 @@ def _train_config(config: RunConfig) -> TrainConfig:
     return TrainConfig(lr=config.lr, steps=config.steps, batch_size=config.batch_size, seed=config.seeds[0])
 
 
-def _finetune(run: _Run) -> tuple[dict[str, Any], list[str]]:
+def _finetune(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     config = run.config
     exact, estimate = run.effects("sites_exact"), run.effects("sites_atp")
     methods = [TopSites(exact, k=config.top_k), RandomSites(estimate), LoRA()]
     table = compare(lambda: load_model(config.model), run.task("train"), run.task("heldout"), methods,
                     _train_config(config), config.seeds, progress=run.progress)
-    write_atomic(run.out / "finetune" / "comparison.md", table.to_markdown() + "\n")
-    write_atomic(run.out / "finetune" / "comparison.json", table.to_json() + "\n")
+    write_text(run.out / "finetune" / "comparison.md", table.to_markdown() + "\n")
+    write_text(run.out / "finetune" / "comparison.json", table.to_json() + "\n")
     accuracy = {(r["method"], r["seed"]): r["heldout_accuracy"] for r in table.rows}
     reference = table.meta["reference"]
     per_method = {m.label: [accuracy[(m.label, seed)] for seed in config.seeds] for m in methods}
@@ -333,7 +160,7 @@ def _finetune(run: _Run) -> tuple[dict[str, Any], list[str]]:
             ["finetune/comparison.md", "finetune/comparison.json"])
 
 
-def _delta(run: _Run) -> tuple[dict[str, Any], list[str]]:
+def _delta(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     config = run.config
     model = load_model(config.model)
     setup = TopSites(run.effects("sites_exact"), k=config.top_k).build(model, config.seeds[0], None)
@@ -350,7 +177,7 @@ def _delta(run: _Run) -> tuple[dict[str, Any], list[str]]:
             "heldout": task_scores(model, run.task("heldout"))}, [DELTA_FILE]
 
 
-def _heldout(run: _Run) -> tuple[dict[str, Any], list[str]]:
+def _heldout(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     heldout, train_task = run.task("heldout"), run.task("train")
     sites = list(Delta.load(run.out / DELTA_FILE).sites)
     before, after = (patch(m, heldout, sites, progress=run.progress) for m in (run.base, run.tuned))
@@ -391,7 +218,7 @@ def _run_all(config: RunConfig, out: Path, progress: bool, model: Any | None) ->
         raise ValueError(f"{out} holds a run of another configuration (saved vs given: {differ}); "
                          "choose another output directory or delete it")
     write_json(saved, asdict(config))
-    r = _Run(config, out, progress, model)
+    r = RunDirectory(config, out, progress, model)
     metrics: dict[str, Any] = {"config": asdict(config), "tables": {"before": {}, "after": {}}, "knowledge": {}}
     for network in config.networks:
         metrics["tables"]["before"][network] = r.stage(f"table_before_{network}",
@@ -406,7 +233,7 @@ def _run_all(config: RunConfig, out: Path, progress: bool, model: Any | None) ->
         metrics["tables"]["after"][network] = r.stage(f"table_after_{network}",
                                                       lambda n=network: _table(r, r.tuned, n, "after"))
     metrics["stages"] = r.log
-    write_atomic(out / "report.md", render(out, metrics))
+    write_text(out / "report.md", render(out, metrics))
     metrics["wall_s"] = time.perf_counter() - start  # this call, report included; each stage's time is in `stages`
     write_json(out / "metrics.json", metrics)
     return json.loads((out / "metrics.json").read_text())

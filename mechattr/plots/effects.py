@@ -24,6 +24,7 @@ from matplotlib.patches import Patch, PathPatch
 from matplotlib.path import Path as MplPath
 
 from mechattr.effects import Effects
+from mechattr.storage import write_atomic
 
 __all__ = ["heatmap", "grids", "save", "VALUES", "FORMATS"]
 
@@ -308,6 +309,7 @@ def save(fig: Figure, path: str | Path) -> list[Path]:
         fmt = target.suffix.lower()[1:]
         metadata = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else None
         with plt.rc_context({"svg.hashsalt": "mechattr"}):
-            fig.savefig(target, format=fmt, dpi=DPI, metadata=metadata, facecolor="white")
+            write_atomic(target, lambda tmp: fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata,
+                                                         facecolor="white"))
     plt.close(fig)
     return targets

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import mechattr
-from mechattr.finetune import Delta, cause_effect
-from mechattr.pipeline import DELTA_FILE, STAGE_DIR, RunConfig, run, write_json
+from mechattr.app import DELTA_FILE, STAGE_DIR, RunConfig, run, write_json
+from mechattr.finetune import Delta
+from mechattr.tasks import cause_effect
 
 
 @pytest.mark.parametrize("changes, field, options", [

@@ -8,12 +8,12 @@ held-out examples are split by pair, so no held-out pair is seen in either direc
 """
 
 import random
-from collections import defaultdict
 from typing import Any
 
-from mechattr.tasks import Task, TaskError, from_prompts
+from mechattr.tasks.task import Task, TaskError
+from mechattr.tasks.tokens import from_prompts, largest_same_length
 
-__all__ = ["CAUSE_EFFECT_PAIRS", "CAUSE_EFFECT_TEMPLATE", "cause_effect"]
+__all__ = ["CAUSE_EFFECT_PAIRS", "CAUSE_EFFECT_TEMPLATE", "SPLITS", "cause_effect"]
 
 # (cause, effect). Worded so that cause + effect is 3 tokens under SmolLM2's tokenizer: every prompt has
 # one length and the corrupted (reversed) prompt aligns with the clean one.
@@ -34,24 +34,18 @@ CAUSE_EFFECT_PAIRS: tuple[tuple[str, str], ...] = (
     ("germs", "the disease"), ("earthquakes", "collapsed buildings"), ("erosion", "muddy rivers"),
 )
 CAUSE_EFFECT_TEMPLATE = "Q: Does {a} cause {b}? Yes or no?\nA:"
-_SPLITS = ("train", "heldout", "all")
-
-
-def _same_length_pairs(model: Any, pairs: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
-    """The largest group of pairs whose prompts share one token length under the model's tokenizer."""
-    groups: dict[int, list[tuple[str, str]]] = defaultdict(list)
-    for cause, effect in pairs:
-        groups[model.to_tokens(CAUSE_EFFECT_TEMPLATE.format(a=cause, b=effect)).shape[1]].append((cause, effect))
-    return max(groups.values(), key=len)
+SPLITS = ("train", "heldout", "all")  # which pairs `cause_effect` returns
 
 
 def cause_effect(model: Any, split: str = "train", heldout: float = 0.3, seed: int = 0,
                  pairs: tuple[tuple[str, str], ...] = CAUSE_EFFECT_PAIRS) -> Task:
     """Yes/No causal-direction questions; `split` "train", "heldout" or "all" pairs, with a seeded
     split holding out a `heldout` share of the pairs. Two examples per pair (Yes, then No)."""
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
-    usable = _same_length_pairs(model, pairs)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    # The largest group of pairs whose prompts share one token length under the model's tokenizer.
+    usable = largest_same_length(
+        pairs, lambda pair: model.to_tokens(CAUSE_EFFECT_TEMPLATE.format(a=pair[0], b=pair[1])).shape[1])
     if len(usable) < 4:
         raise TaskError(f"cause_effect: only {len(usable)} pairs share one prompt length under this tokenizer")
     order = list(range(len(usable)))

@@ -1,0 +1,92 @@
+"""`RunConfig`: what the main job (`mechattr run`) measures and trains."""
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from mechattr import causal
+from mechattr.sites import KINDS
+
+__all__ = ["RunConfig"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What `run` measures and trains; the defaults take about ten minutes on a 2-core CPU."""
+
+    model: str = "smollm2-135m"  # name for mechattr.load_model
+    networks: tuple[str, ...] = ("asia", "sachs")  # networks of the input-level attribution table
+    trials: int = 3  # trials per table (column order, data rows and made-up names redrawn)
+    data_tokens: int = 160  # tokens for the data table in each table prompt, beyond the prompt without data
+    n_samples: int = 1000  # rows sampled from each network
+    component_network: str = "asia"  # network of the component-level knowledge-vs-data patching
+    component_kinds: tuple[str, ...] = ("attn_out", "mlp_out")  # patched per layer (all positions at once)
+    component_layers: tuple[int, ...] | None = None  # layers patched there (None: every layer)
+    component_rows: int = 3  # data rows in each component prompt
+    component_examples: int = 8  # most examples per component task
+    component_trials: int = 4  # row redraws per edge; more give more prompts of one token length to keep
+    candidates: int = 16  # heads AtP shortlists for exact patching on the training pairs
+    top_k: int = 8  # heads precision fine-tuning trains (the top by exact |effect|)
+    steps: int = 20  # optimizer steps of every fine-tuning run (fewer leave precision near chance)
+    batch_size: int = 8  # examples per step
+    lr: float = 1e-3  # learning rate of every method
+    seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the comparison; the first one's delta is kept
+    heldout: float = 0.3  # share of cause-effect pairs held out from training
+    reattribute: tuple[str, ...] = ("asia",)  # networks whose table is recomputed on the fine-tuned model
+    seed: int = 0  # draws data, prompts, made-up names and the train/held-out split
+    threads: int | None = 1  # torch CPU threads during the run (None: torch's default); see `run`
+    fast: bool = False  # a smoke-test configuration (see `quick`); the report says so
+
+    def __post_init__(self):
+        def bad(name: str, problem: str) -> None:
+            raise ValueError(f"RunConfig.{name}: {problem}")
+
+        for name in ("networks", "reattribute"):
+            unknown = [n for n in getattr(self, name) if n not in causal.NETWORKS]
+            if unknown or (name == "networks" and not self.networks):
+                bad(name, f"unknown network(s) {unknown or '(none given)'}; valid options: {list(causal.NETWORKS)}")
+        if self.component_network not in causal.NETWORKS:
+            bad("component_network", f"unknown network {self.component_network!r}; valid options: "
+                f"{list(causal.NETWORKS)}")
+        missing = [n for n in self.reattribute if n not in self.networks]
+        if missing:
+            bad("reattribute", f"{missing} not in networks {list(self.networks)}: a table after fine-tuning "
+                "is compared with the one before")
+        unknown_kinds = [k for k in self.component_kinds if k not in KINDS]
+        if unknown_kinds or not self.component_kinds:
+            bad("component_kinds", f"unknown site kind(s) {unknown_kinds or '(none given)'}; valid: {list(KINDS)}")
+        for name, low, why in (("top_k", 1, "a positive number of heads"), ("trials", 2, "at least 2 (intervals)"),
+                               ("steps", 1, "at least 1"), ("batch_size", 1, "at least 1"),
+                               ("component_rows", 1, "at least 1"), ("component_examples", 2, "at least 2"),
+                               ("component_trials", 1, "at least 1"),
+                               ("data_tokens", 16, "at least 16 tokens"), ("n_samples", 10, "at least 10 rows")):
+            if getattr(self, name) < low:
+                bad(name, f"must be {why}, got {getattr(self, name)}")
+        if self.component_layers is not None and (not self.component_layers or min(self.component_layers) < 0):
+            bad("component_layers", f"need None (every layer) or layer indices >= 0, got {self.component_layers}")
+        if self.candidates < self.top_k:
+            bad("candidates", f"must be at least top_k={self.top_k}, got {self.candidates}")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", f"must be None (torch's default) or at least 1, got {self.threads}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            bad("seeds", f"need one or more distinct seeds, got {self.seeds}")
+        if not 0 < self.heldout < 1:
+            bad("heldout", f"must be a share in (0, 1), got {self.heldout}")
+        if not self.lr > 0:
+            bad("lr", f"must be positive, got {self.lr}")
+
+    @classmethod
+    def quick(cls, **changes: Any) -> "RunConfig":
+        """A small configuration for tests and CI: the 5-variable cancer network, short prompts, few layers,
+        heads, steps and seeds."""
+        small = dict(networks=("cancer",), trials=2, data_tokens=48, n_samples=200, component_network="cancer",
+                     component_kinds=("attn_out",), component_layers=(0, 8, 16, 24), component_rows=2,
+                     component_examples=4, component_trials=2, candidates=4, top_k=4, steps=4, seeds=(0,),
+                     reattribute=("cancer",), fast=True)
+        return cls(**{**small, **changes})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        values = json.loads(text)
+        return cls(**{f.name: tuple(values[f.name]) if isinstance(values[f.name], list) else values[f.name]
+                      for f in fields(cls) if f.name in values})

@@ -1,0 +1,213 @@
+"""The unpatched runs of a task: what every do-operator and every estimate starts from.
+
+`unpatched(model, task, intervention, hooks)` runs the task's two sets of prompts once each: the *base*
+run, the one the intervention acts on (`intervention.base_run`), and the *source* run, the other one,
+whose activations the intervention may read. A `Runs` holds both runs' activations at the hooks asked
+for and last-position logits, the clean run's next-token log-probabilities (the reference KL compares
+with), both runs' per-example metrics, and the base run's metric gradients where asked. Patching,
+attribution, edges, circuits and verification all take one.
+
+Two engines run a batch: `Forward.cache` (a full forward that also records what each block receives, so
+patched runs can resume mid-model) for exact patching, and `gradient_pass` (zero probes at the hooks,
+logits only at the last position, an optional backward) for the gradient estimates.
+"""
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechattr.forward import Forward, last_logits
+from mechattr.interventions import Intervention
+from mechattr.sites import Site, hook_name, model_shape
+from mechattr.tasks import Task
+
+__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "readout", "final_hook", "other_run", "device_of"]
+
+
+def other_run(run: str) -> str:
+    """The other of the task's two runs: a base run's source."""
+    if run not in ("clean", "corrupt"):
+        raise ValueError(f"run must be 'clean' or 'corrupt', got {run!r}")
+    return "clean" if run == "corrupt" else "corrupt"
+
+
+def final_hook(model: Any) -> str:
+    """The residual stream after the last block, which the unembedding reads."""
+    return hook_name("resid_post", model_shape(model)["n_layers"] - 1)
+
+
+def device_of(model: Any) -> torch.device:
+    """Where a model's inputs go: the device of its first parameter (the token embedding)."""
+    return next(model.parameters()).device
+
+
+def readout(task: Task, reference: Float[Tensor, "n vocab"] | None) -> Callable[[Tensor], Tensor]:
+    """Turns last-position logits of stacked copies of the task, [copies * n, vocab], into the task metric
+    per row, [copies * n]. `reference` None: each row's own (clean) distribution is the reference."""
+    def read(logits):
+        copies = logits.shape[0] // task.n_examples
+        # .to: a model split over devices returns logits where its unembedding is, not where its inputs are.
+        rep = lambda t: t.to(logits.device).repeat(copies, *([1] * (t.dim() - 1)))  # noqa: E731
+        ref = logits.detach().log_softmax(-1) if reference is None else rep(reference)
+        return task.metric(logits, rep(task.answer), rep(task.wrong), ref)
+    return read
+
+
+class _Stop(Exception):
+    """Raised by the last block's hook: the metric needs only the last position's logits."""
+
+
+@dataclass
+class Pass:
+    """One forward (and backward) of a batch: activations, metric per row, and metric gradients."""
+
+    metric: Float[Tensor, " rows"] | None  # None without a backward
+    logits: Float[Tensor, "rows vocab"]  # last position
+    acts: dict[str, Tensor]  # hook name -> activation [rows, *act]
+    grads: dict[str, Tensor]  # hook name -> d sum(metric) / d activation [rows, *act]
+    live: dict[str, Tensor]  # hook name -> the graph's tensor (only with keep_graph)
+
+
+def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[str],
+                  metric: Callable[[Tensor], Tensor] | None, *, optional: Sequence[str] = (),
+                  embed: Callable[[Tensor], Tensor] | None = None, keep_graph: bool = False) -> Pass:
+    """Run `tokens` with a zero probe added at each hook in `names` and differentiate sum(metric(logits)).
+
+    The gradient at a probe is the gradient at the activation, on every hook the model lets a hook
+    rewrite (the bridge reshapes some activations before hooks see them, so `retain_grad` on the
+    hooked tensor would not work). `metric` maps last-position logits [rows, vocab] to [rows]; rows do
+    not interact, so the gradient of the sum is each row's own gradient; None = no backward (grads
+    empty). Hooks in `optional` are recorded only if the model fires them. `embed` rewrites the token
+    embeddings first (ig's path). With `keep_graph` the graph stays alive for more backwards.
+    """
+    final = final_hook(model)
+    optional = [n for n in optional if n in model.hook_dict]
+    names = list(dict.fromkeys([*names, *optional, final]))
+    acts, probes, live = {}, {}, {}
+
+    def probe(name):
+        def hook(act, hook):
+            if name == "hook_embed" and embed is not None:
+                act = embed(act)
+            acts[name] = act.detach()
+            if metric is None:
+                live[name] = act
+            else:
+                probes[name] = torch.zeros_like(act, requires_grad=True)
+                live[name] = act + probes[name]
+            if name == final:
+                raise _Stop
+            return live[name]
+        return hook
+
+    hooks = [(name, probe(name)) for name in names]
+    if embed is not None and "hook_embed" not in names:
+        hooks.append(("hook_embed", lambda act, hook: embed(act)))
+    with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=hooks):
+        try:
+            model(tokens)
+        except _Stop:
+            pass
+        missing = set(names) - set(live) - set(optional)
+        if missing:
+            raise ValueError(f"the model has no hook point(s) {sorted(missing)}; check the site kinds")
+        logits = last_logits(model, live[final]).float()
+        if metric is None:
+            return Pass(None, logits, acts, {}, {})
+        values = metric(logits)
+        fired = [n for n in names if n in probes]
+        grads = torch.autograd.grad(values.sum(), [probes[n] for n in fired], retain_graph=keep_graph,
+                                    allow_unused=True)
+    grads = {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(fired, grads)}
+    return Pass(values.detach(), logits.detach(), acts, grads, live if keep_graph else {})
+
+
+@dataclass(frozen=True, eq=False)
+class Runs:
+    """Both unpatched runs of a task (see the module docstring). `metrics` maps "clean" and "corrupt" to
+    per-example metrics [n]; `reference` is the clean run's last-position log-probabilities [n, vocab]."""
+
+    model: Any
+    task: Task
+    base_run: str
+    base: Pass
+    source: Pass
+    reference: Float[Tensor, "n vocab"]
+    metrics: dict[str, Tensor]
+    recorded: Forward | None = None  # the base run's forward, when it recorded the block inputs
+
+    @classmethod
+    def of(cls, model: Any, task: Task, base_run: str, base: Pass, source: Pass, reference: Tensor,
+           recorded: Forward | None = None) -> "Runs":
+        """Runs from two passes; both runs' metrics are read from their logits against `reference`."""
+        logits = {base_run: base.logits, other_run(base_run): source.logits}
+        metrics = {run: task.metric(lg, task.answer, task.wrong, reference) for run, lg in logits.items()}
+        return cls(model, task, base_run, base, source, reference, metrics, recorded)
+
+    @property
+    def source_run(self) -> str:
+        return other_run(self.base_run)
+
+    @property
+    def clean(self) -> Float[Tensor, " n"]:
+        return self.metrics["clean"]
+
+    @property
+    def corrupt(self) -> Float[Tensor, " n"]:
+        return self.metrics["corrupt"]
+
+    @property
+    def base_metric(self) -> Float[Tensor, " n"]:
+        return self.metrics[self.base_run]
+
+    @cached_property
+    def forward(self) -> Forward:
+        """Resumable forwards of the base run's tokens, for patched runs (`patching.run_cells`)."""
+        return self.recorded or Forward(self.model, self.task.tokens(self.base_run))
+
+    def readout(self) -> Callable[[Tensor], Tensor]:
+        """Per-row metric of stacked copies of the base run (see `readout`)."""
+        return readout(self.task, self.reference)
+
+    def value(self, intervention: Intervention, site: Site) -> Tensor:
+        """intervention(base, source) at `site`: the value the do-operator sets it to, [n, *site]."""
+        where = (slice(None),) + site.index
+        return intervention(self.base.acts[site.hook][where], self.source.acts[site.hook][where])
+
+    def resid(self, layers: Iterable[int]) -> dict[str, Tensor]:
+        """The base run's residual stream entering each block in `layers` (where patched runs resume)."""
+        names = [hook_name("resid_pre", layer) for layer in layers]
+        return {name: self.base.acts[name] for name in names}
+
+
+def unpatched(model: Any, task: Task, intervention: Intervention, hooks: Sequence[str] = (), *,
+              base_hooks: Sequence[str] = (), gradients: bool = False, optional: Sequence[str] = (),
+              keep_graph: bool = False, resumable: bool = False) -> Runs:
+    """The base run (`intervention.base_run`) and the source run of `task`, with activations at `hooks`
+    (both runs) and `base_hooks` (the base run only); `optional` hooks are recorded where the model fires
+    them. `gradients`: d metric / d activation at every base-run hook (`keep_graph` keeps the graph for
+    more backwards). `resumable`: exact patching's engine, which records the block inputs too."""
+    task = task.to(device_of(model))
+    base_run = intervention.base_run
+    source_run = other_run(base_run)
+    base_names = sorted(set(hooks) | set(base_hooks))
+    if resumable:
+        if gradients:
+            raise ValueError("unpatched: resumable runs take no gradients")
+        recorded = Forward(model, task.tokens(base_run))
+        base_logits, base_acts = recorded.cache(base_names)
+        source_logits, source_acts = Forward(model, task.tokens(source_run), resumable=False).cache(hooks)
+        base, source = Pass(None, base_logits, base_acts, {}, {}), Pass(None, source_logits, source_acts, {}, {})
+        reference = (base if base_run == "clean" else source).logits.log_softmax(-1)
+        return Runs.of(model, task, base_run, base, source, reference, recorded)
+    source = gradient_pass(model, task.tokens(source_run), sorted(hooks), None, optional=optional)
+    reference = source.logits.log_softmax(-1) if source_run == "clean" else None
+    base = gradient_pass(model, task.tokens(base_run), base_names, readout(task, reference) if gradients else None,
+                         optional=optional, keep_graph=keep_graph)
+    if reference is None:
+        reference = base.logits.log_softmax(-1)
+    return Runs.of(model, task, base_run, base, source, reference)
