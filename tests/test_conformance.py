@@ -1,0 +1,160 @@
+"""The architecture conformance matrix: every family in `mechattr.families`, built tiny and offline, loaded
+with `load_model(folder)`, checked cell by cell against independent references. The README's support
+matrix is `families.support_table()`, and each claim in it is asserted here (a claimed "no" must still
+fail, so the table is updated when a family starts to work)."""
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import mechattr
+from mechattr import Denoise, Noise, families
+from mechattr.edges import attribute_edges, patch_edges
+from mechattr.graph import Edge
+from mechattr.forward import FastPathWarning, Forward, fast_path_verdict
+from mechattr.sites import KINDS, Site, available_kinds
+import tiny_families as tf
+
+ATOL = 1e-5
+NAMES = [name for name, family in families.FAMILIES.items() if family.boots]
+
+
+@pytest.fixture(scope="session")
+def family_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def family(request, family_root):
+    """(name, table entry, model) for one family, built once per session."""
+    name = request.param
+    return name, families.FAMILIES[name], mechattr.load_model(str(families.build(name, family_root / name)))
+
+
+@pytest.fixture(scope="module")
+def task():
+    return tf.task()
+
+
+def _max_error(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+def test_fast_path_is_proved_on_every_family(family, task):
+    name, entry, model = family
+    forward = Forward(model, task.corrupt)
+    forward.cache()
+    assert fast_path_verdict(model) is None and forward.resumable == entry.fast_path, name
+    assert forward.reuses_prefix == entry.prefix, name
+
+
+def test_unavailable_kinds_are_the_listed_ones_and_raise_clear_errors(family, task):
+    name, entry, model = family
+    assert set(KINDS) - set(available_kinds(model)) == set(entry.missing)
+    for kind in entry.missing:
+        site = Site(kind, 1, pos=2) if KINDS[kind].heads is None else Site(kind, 1, head=0)
+        with pytest.raises(ValueError, match=rf"{kind}.*{re.escape(str(model.cfg.model_name))}.*valid kinds.*resid_pre"):
+            mechattr.patch(model, task, [site])
+
+
+def _all_sites(model) -> list[Site]:
+    return [site for kind in tf.kinds(model) for site in tf.sites(model, kind)]
+
+
+def _by_kind(sites, errors) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for site, error in zip(sites, errors.tolist()):
+        out[site.kind] = max(out.get(site.kind, 0.0), error)
+    return out
+
+
+@pytest.mark.parametrize("intervention", [Denoise(), Noise()], ids=["denoise", "noise"])
+def test_patch_equals_one_hook_per_forward(family, task, intervention):
+    name, _, model = family
+    sites = _all_sites(model)
+    effects = mechattr.patch(model, task, sites, intervention)
+    reference = tf.patch_reference(model, task, sites, intervention.base_run)
+    errors = _by_kind(sites, (effects.per_example - reference).abs().amax(-1))
+    assert max(errors.values()) <= ATOL, f"{name}: largest error per kind {errors}"
+    base = effects.clean if intervention.base_run == "clean" else effects.corrupt
+    moved = _by_kind(sites, (reference - base[None]).abs().amax(-1))
+    assert min(moved.values()) > 1e-3, f"{name}: every kind's patches must move the metric: {moved}"
+
+
+def test_atp_equals_hand_written_gradient(family, task):
+    name, entry, model = family
+    sites = _all_sites(model)
+    estimate = mechattr.attribute(model, task, sites, "atp")
+    reference = tf.atp_reference(model, task, sites, "corrupt")
+    errors = _by_kind(sites, (estimate.per_example - reference).abs().amax(-1))
+    exact = max(errors.values()) <= ATOL
+    assert exact == entry.attribution, f"{name}: table says attribution={entry.attribution}, errors {errors}"
+
+
+@pytest.mark.parametrize("receiver", [Site("q", 1, head=0), Site("k", 1, head=0), Site("v", 1, head=0),
+                                      Site("mlp_out", 1)], ids=str)
+def test_edges_equal_their_exact_reference(family, task, receiver):
+    name, entry, model = family
+    sender = Site("z", 0, head=1)
+    supported = entry.edges and (entry.mlp_edges or receiver.kind != "mlp_out")
+    if not supported:
+        with pytest.raises(ValueError, match=f"edges into {receiver.kind}.* not supported on model"):
+            patch_edges(model, task, [Edge(sender, receiver)])
+        with pytest.raises(ValueError, match=f"edges into {receiver.kind}.* not supported on model"):
+            attribute_edges(model, task, [Edge(sender, receiver)])
+        return
+    exact = patch_edges(model, task, [Edge(sender, receiver)])
+    reference = tf.edge_reference(model, task, sender, receiver)
+    assert _max_error(exact.per_example[0], reference) <= ATOL, name
+    assert _max_error(reference, exact.corrupt) > 1e-4, f"{name}: the edge must move the metric"
+
+
+def _break_last_position_unembedding(model):
+    """Corrupt the unembedding only where it sees one position, as the resumed path calls it."""
+    def hook(module, args, output):
+        return output + 1e-3 if output.shape[1] == 1 else output
+    return model.unembed.register_forward_hook(hook)
+
+
+def _break_resumed_blocks(model):
+    """Make the last block fail whenever its queries are a suffix of its keys, as when a run reuses the
+    prefix's keys and values."""
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.shape[-2] < mask.shape[-1]:
+            raise RuntimeError("block called on a suffix of the prompt")
+    return model.blocks[-1].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("breakage, says", [(_break_last_position_unembedding, "misses"),
+                                            (_break_resumed_blocks, "fails to run")], ids=["wrong", "raises"])
+def test_a_resumed_path_that_cannot_prove_itself_falls_back_exactly(family_root, task, breakage, says):
+    model = mechattr.load_model(str(families.build("llama", family_root / "llama-broken")))
+    handle = breakage(model)
+    sites = [Site("resid_pre", 1, pos=p) for p in (0, *tf.LATE)] + [Site("z", 1, pos=tf.LATE[1], head=3)]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            effects = mechattr.patch(model, task, sites)
+            again = mechattr.patch(model, task, sites)
+        reference = tf.patch_reference(model, task, sites, "corrupt")
+    finally:
+        handle.remove()
+    messages = [str(w.message) for w in caught if issubclass(w.category, FastPathWarning)]
+    assert len(messages) == 1 and str(model.cfg.model_name) in messages[0] and says in messages[0]
+    assert fast_path_verdict(model) is not None
+    assert _max_error(effects.per_example, reference) <= ATOL
+    assert torch.equal(again.per_example, effects.per_example)
+
+
+def test_readme_support_matrix_is_the_table():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert families.support_table() in readme
+
+
+def test_unknown_family_is_named(tmp_path):
+    with pytest.raises(ValueError, match="'gpt5'.*gpt2, gpt_neox"):
+        families.build("gpt5", tmp_path)
