@@ -22,11 +22,13 @@ from transformer_lens import patching as tl_patching  # noqa: E402
 import mechattr  # noqa: E402
 from mechattr import tasks  # noqa: E402
 from mechattr.models import DTYPES  # noqa: E402
+from mechattr.sites import KINDS  # noqa: E402
 
 # Largest |mechattr - TL| accepted, as a fraction of the largest |effect|: float32 runs agree to rounding;
 # in 16-bit dtypes the two sides batch rows differently, so their roundings differ by a few units of 2**-8.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 RANDOM_TASK_POS = 12  # prompt length of the random-token task
+LAYER_POS_KINDS = tuple(kind for kind, spec in KINDS.items() if spec.dims == ("pos", None) and kind != "embed")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, device: str | None = None) -> None:
@@ -132,9 +134,14 @@ def describe(model, task, model_name: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
-    parser.add_argument("--kinds", default="resid_pre,attn_out,mlp_out")
+    parser.add_argument("--kinds", default="resid_pre,attn_out,mlp_out",
+                        help=f"comma-separated [layer, pos] site kinds, of {', '.join(LAYER_POS_KINDS)}")
     parser.add_argument("--tl-layers", type=int, default=30, help="time TL on this many evenly spaced layers")
     args = parser.parse_args()
+    other = [k for k in args.kinds.split(",") if k not in LAYER_POS_KINDS]
+    if other:  # TL's layer_pos setter patches whole activations at a position: only these kinds compare
+        parser.error(f"--kinds {','.join(other)}: the comparison with TL runs [layer, pos] grids only; "
+                     f"valid kinds: {', '.join(LAYER_POS_KINDS)}")
 
     model, task = model_and_task(args)
     print(describe(model, task, args.model))
