@@ -11,6 +11,8 @@ The package in layers, each built on the ones before it:
 - the application: `app` (`mechattr run`) and `cli`.
 """
 
+import importlib.metadata as _metadata
+
 from mechattr.attribution import attribute
 from mechattr.circuits import Circuit, discover
 from mechattr.effects import Effects, load_effects, save_effects
@@ -22,6 +24,11 @@ from mechattr.sites import Site, grid
 from mechattr.tasks import Task
 from mechattr.verification import verify
 
-__all__ = ["load_model", "native_model", "NativeConfig", "Site", "grid", "Task", "Denoise", "Noise", "Zero", "Mean",
+try:
+    __version__ = _metadata.version("mechattr")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__", "load_model", "native_model", "NativeConfig", "Site", "grid", "Task", "Denoise", "Noise", "Zero", "Mean",
            "Resample", "GaussianNoise", "Steer", "patch", "attribute", "Effects", "load_effects", "save_effects",
            "verify", "discover", "Circuit", "select"]

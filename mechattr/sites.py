@@ -114,6 +114,12 @@ class Site:
         the blocks (embeddings), so only a full forward applies it."""
         return None if self.kind == "embed" else self.layer
 
+    def __repr__(self) -> str:
+        """The constructor call that builds this site, without the defaults: `Site("z", layer=9, head=6)`."""
+        fields = [f"layer={self.layer}"] if self.kind != "embed" else []
+        fields += [f"{k}={getattr(self, k)}" for k in ("pos", "head", "neuron") if getattr(self, k) is not None]
+        return f"Site({', '.join([repr(self.kind), *fields])})"
+
     def __str__(self) -> str:
         parts = [f"L{self.layer}"] if self.kind != "embed" else []
         parts += [f"{k[0].upper()}{getattr(self, k)}" for k in ("pos", "head", "neuron")

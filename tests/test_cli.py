@@ -146,3 +146,10 @@ def test_distributed_patch_under_torchrun_equals_one_process(tmp_path, smollm2):
     task = ioi(smollm2, n=2, seed=0)
     expected = mechattr.patch(smollm2, task, mechattr.grid(smollm2, "z", task.n_pos, layers=[28, 29]), progress=False)
     torch.testing.assert_close(saved.per_example, expected.per_example, atol=1e-5, rtol=1e-5)
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mechattr {version('mechattr')}" == f"mechattr {mechattr.__version__}"

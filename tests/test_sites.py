@@ -9,6 +9,13 @@ def test_sites_are_hashable_values():
     assert str(Site("z", 9, head=6)) == "z[L9 H6]"
 
 
+def test_a_sites_repr_is_the_call_that_builds_it():
+    sites = [Site("z", 9, head=6), Site("embed"), Site("resid_pre", 3, pos=10), Site("neuron", 12, neuron=7),
+             Site("pattern", 0, pos=2, head=1)]
+    assert repr(sites[0]) == "Site('z', layer=9, head=6)" and repr(sites[1]) == "Site('embed')"
+    assert [eval(repr(s)) for s in sites] == sites
+
+
 def test_index_follows_the_kind_table():
     assert Site("resid_pre", 3, pos=5).index == (5, slice(None))
     assert Site("z", 3, head=2).index == (slice(None), 2, slice(None))

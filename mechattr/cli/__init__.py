@@ -28,7 +28,10 @@ EXIT_BAD_INPUT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    import mechattr
+
     parser = argparse.ArgumentParser(prog="mechattr", description="Causal attribution for transformers.")
+    parser.add_argument("--version", action="version", version=f"mechattr {mechattr.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (run_command, grids, circuits, finetune):
         module.add(sub)
