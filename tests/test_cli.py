@@ -153,3 +153,24 @@ def test_version_is_the_installed_package_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"mechattr {version('mechattr')}" == f"mechattr {mechattr.__version__}"
+
+
+def test_effects_of_a_task_file_record_its_size_and_absolute_path(capsys, tmp_path, monkeypatch):
+    template = "When {a} and {b} went to the store, {s} gave a drink to"
+    rows = [{"clean": template.format(a=a, b=b, s=b), "corrupt": template.format(a=a, b=b, s=a), "answer": f" {a}",
+             "wrong": f" {b}"} for a, b in (("Mary", "John"), ("John", "Mary"), ("Tom", "James"))]
+    (tmp_path / "data").mkdir()
+    task_file = tmp_path / "data" / "mine.jsonl"
+    task_file.write_text("\n".join(json.dumps(row) for row in rows))
+    monkeypatch.chdir(tmp_path / "data")
+    status, err = run(capsys, "patch", "--task", "mine.jsonl", "--sites", "z", "--layers", "29", "--out", "../out")
+    assert status == 0, err
+    meta = json.loads((tmp_path / "out" / "effects.json").read_text())
+    assert meta["n"] == 3 and meta["task_spec"] == str(task_file.resolve())
+    monkeypatch.chdir(tmp_path)  # another folder: the relative name "mine.jsonl" would not resolve here
+    status, err = run(capsys, "verify", "--effects", "out", "--kind", "z", "--top", "2", "--sample", "1", "--out", "check")
+    assert status == 0, err
+    checked = json.loads((tmp_path / "check" / "verification.json").read_text())
+    # The saved effects are exact patching of the same file: rebuilt from its path, they are reproduced.
+    assert len(checked["sites"]) == 3
+    torch.testing.assert_close(torch.tensor(checked["exact"]), torch.tensor(checked["estimated"]), atol=1e-5, rtol=0)

@@ -137,7 +137,9 @@ def write_effects(out: Path, effects: list, args: argparse.Namespace, task: Any)
     from mechattr import plots
     from mechattr.effects import save_effects
 
-    save_effects(out, effects, model=args.model, task=task.name, task_spec=args.task, n=args.n, seed=args.seed)
+    # A task file is recorded by its absolute path, so the effects can be rebuilt from any folder.
+    spec = str(Path(args.task).resolve()) if Path(args.task).is_file() else args.task
+    save_effects(out, effects, model=args.model, task=task.name, task_spec=spec, n=task.n_examples, seed=args.seed)
     paths = []
     for e in effects:
         path = out / f"{e.kind}.png"
