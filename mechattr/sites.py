@@ -195,7 +195,7 @@ def _kind_problem(model: Any, kind: str) -> str | None:
 def _find_kind_problem(model: Any, kind: str, hooks: dict[str, Any]) -> str | None:
     import torch
 
-    hook = KINDS[kind].hook.format(layer=0)
+    hook = hook_name(kind, 0)
     if hook not in hooks:
         parallel = kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False)
         why = " (parallel attention: attention and MLP both read the block's input, so there is no " \
