@@ -114,7 +114,7 @@ class EdgeAblator:
         base, source = self.runs.base, self.runs.source
         check_receivers(model, heads, base.acts)
         self.values = {s.hook: ablation(base.acts[s.hook], source.acts[s.hook]) for s in self.send}
-        self.forward = Forward(model, task.tokens(ablation.base_run), resumable=False)
+        self.forward = Forward(model, task.tokens(ablation.base_run), resumable=False, last=task.last)
 
     def _mask(self, circuits: Sequence[set[Edge]]) -> Tensor:
         ablated = torch.zeros(len(circuits), len(self.send), len(self.recv), dtype=torch.bool,

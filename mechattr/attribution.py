@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mechattr.effects import Effects
 from mechattr.interventions import INTERVENTIONS, Denoise, Intervention
-from mechattr.runs import Pass, Runs, final_hook, gradient_pass, unpatched
+from mechattr.runs import Pass, Runs, check_intervention, final_hook, gradient_pass, unpatched
 from mechattr.sites import KINDS, Grid, Site, hook_name, model_shape, validate
 from mechattr.tasks import Task
 
@@ -47,22 +47,32 @@ def _reduce(kind: str, product: Tensor) -> Tensor:
     return product.sum(axes) if axes else product
 
 
-def _lookup(kind: str, table: Tensor, sites: Sequence[Site], all_pos: Tensor | None = None) -> Tensor:
+def _lookup(kind: str, table: Tensor, sites: Sequence[Site], all_pos: Tensor | None = None,
+            named: dict[str, Tensor] | None = None) -> Tensor:
     """Each site's entry of `table` [n, *named dims] -> [sites, n]; an axis a site leaves as None is
     summed, except that `all_pos` [n, *other dims] replaces the sum over positions when given
-    (patching every position at once is not the sum of patching each one where the QK fix applies)."""
+    (patching every position at once is not the sum of patching each one where the QK fix applies).
+    A site at a named position reads each example at its own index, `named[pos]` [n]."""
     dims = _named_dims(kind)
-    out = torch.empty(len(sites), table.shape[0], dtype=table.dtype, device=table.device)
-    groups: dict[tuple[bool, ...], list[int]] = {}
+    n = table.shape[0]
+    out = torch.empty(len(sites), n, dtype=table.dtype, device=table.device)
+    groups: dict[tuple[tuple[bool, ...], bool], list[int]] = {}
     for i, site in enumerate(sites):
-        groups.setdefault(tuple(getattr(site, d) is None for d in dims), []).append(i)
-    for free, members in groups.items():
+        groups.setdefault((tuple(getattr(site, d) is None for d in dims), isinstance(site.pos, str)), []).append(i)
+    for (free, by_name), members in groups.items():
         t, kept = table, list(dims)
         if all_pos is not None and free[dims.index("pos")]:
             t, kept = all_pos, [d for d in dims if d != "pos"]
         for axis in reversed([i for i, d in enumerate(kept) if free[dims.index(d)]]):
             t = t.sum(axis + 1)
             kept.pop(axis)
+        if by_name:
+            # (members, n) indices: the example axis broadcast against each site's own coordinates.
+            rows = torch.arange(n, device=table.device)[None]
+            index = [torch.stack([named[sites[i].pos] for i in members]).to(table.device) if d == "pos" else
+                     torch.tensor([getattr(sites[i], d) for i in members], device=table.device)[:, None] for d in kept]
+            out[members] = t[(rows, *index)]
+            continue
         index = [torch.tensor([getattr(sites[i], d) for i in members], device=table.device) for d in kept]
         out[members] = (t[(slice(None), *index)] if index else t[:, None].expand(-1, len(members))).T
     return out
@@ -78,9 +88,10 @@ class _Term:
     contract: Callable[[Tensor], Tensor]  # gradient [n, *act] at `hook` -> estimates [sites, n]
 
 
-def _plain_term(index, sites, delta: Tensor) -> _Term:
+def _plain_term(index, sites, delta: Tensor, named: dict[str, Tensor]) -> _Term:
     kind = sites[0].kind
-    return _Term(index, sites[0].layer, sites[0].hook, lambda g: _lookup(kind, _reduce(kind, delta * g), sites))
+    return _Term(index, sites[0].layer, sites[0].hook,
+                 lambda g: _lookup(kind, _reduce(kind, delta * g), sites, named=named))
 
 
 # The QK fix ---------------------------------------------------------------------------------------
@@ -94,7 +105,7 @@ def _scores(q: Tensor, k: Tensor) -> Tensor:
     return s.masked_fill(torch.ones(n_pos, n_pos, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
 
 
-def _qk_terms(layer, groups, base, source, intervention) -> list[_Term]:
+def _qk_terms(layer, groups, base, source, intervention, named) -> list[_Term]:
     """Terms for the q and k sites of one layer: the pattern under the patched queries or keys is
     computed exactly, then linearised: change = sum (pattern_new - pattern) * d metric / d pattern."""
     rotary = hook_name("rot_q", layer) in base
@@ -123,7 +134,7 @@ def _qk_terms(layer, groups, base, source, intervention) -> list[_Term]:
 
         def contract_q(g, dq=dq, sites=sites):
             table = (dq * g).sum(-1).transpose(1, 2)  # (n, T, H)
-            return _lookup("q", table, sites)
+            return _lookup("q", table, sites, named=named)
         terms.append(_Term(index, layer, pattern_hook, contract_q))
     if "k" in groups:
         index, sites = groups["k"]
@@ -139,12 +150,12 @@ def _qk_terms(layer, groups, base, source, intervention) -> list[_Term]:
             n = per_head.shape[0]
             table = per_head.reshape(n, n_kv, -1, n_pos).sum(2).transpose(1, 2)  # (n, s, kv)
             all_pos = (dk_all * g).sum((-1, -2)).reshape(n, n_kv, -1).sum(2)  # (n, kv)
-            return _lookup("k", table, sites, all_pos)
+            return _lookup("k", table, sites, all_pos, named)
         terms.append(_Term(index, layer, pattern_hook, contract_k))
     return terms
 
 
-def _terms(grid, base, source, intervention, qk_fix: bool) -> list[_Term]:
+def _terms(grid, base, source, intervention, qk_fix: bool, named: dict[str, Tensor]) -> list[_Term]:
     groups: dict[tuple[str, int], tuple[list[int], list[Site]]] = {}
     for i, site in enumerate(grid):
         index, sites = groups.setdefault((site.kind, site.layer), ([], []))
@@ -157,9 +168,9 @@ def _terms(grid, base, source, intervention, qk_fix: bool) -> list[_Term]:
             continue
         hook = sites[0].hook
         # float32 products: a half-precision sum over d_model would round away small effects.
-        terms.append(_plain_term(index, sites, (intervention(base[hook], source[hook]) - base[hook]).float()))
+        terms.append(_plain_term(index, sites, (intervention(base[hook], source[hook]) - base[hook]).float(), named))
     for layer, qk in by_layer.items():
-        terms.extend(_qk_terms(layer, qk, base, source, intervention))
+        terms.extend(_qk_terms(layer, qk, base, source, intervention, named))
     return terms
 
 
@@ -215,13 +226,24 @@ def _check(method: str, intervention: Intervention, steps: int) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
+def _check_positions(task: Task, grid: Grid, intervention: Intervention) -> None:
+    task.check_positions(grid.sites)
+    check_intervention(task, intervention, grid.sites)
+    named = next((s for s in grid if isinstance(s.pos, str)), None)
+    if named is not None and not intervention.examplewise:
+        # The estimate applies the intervention to whole activations, position by position; at a named
+        # position an example's value would come from other examples at its own index, not at theirs.
+        raise ValueError(f"site {named}: attribution at named positions needs an examplewise intervention, "
+                         f"not {intervention.name!r}; use patch for it, or a site at a token index")
+
+
 def ig_pass(runs: Runs, names: set[str], steps: int,
             reduce: Callable[[Pass], dict[str, Tensor]] | None = None, max_rows: int = _MAX_ROWS) -> Pass:
     """Gradients averaged over `steps` points alpha = 0, 1/steps, ... on the path from the base run's token
     embeddings to the source run's (`runs` recorded "hook_embed"); the activations and metric are the base
     run's (alpha = 0). `reduce` maps each pass to per-row tensors to average instead of its gradients (for
     quantities that need each point's activations)."""
-    base_tokens, source_embed = runs.task.tokens(runs.base_run), runs.source.acts["hook_embed"]
+    base_tokens, source_embed, last = runs.task.tokens(runs.base_run), runs.source.acts["hook_embed"], runs.task.last
     n = base_tokens.shape[0]
     per_pass = max(1, max_rows // n)
     first, sums = None, {}
@@ -231,7 +253,8 @@ def ig_pass(runs: Runs, names: set[str], steps: int,
         shift = alpha.repeat_interleave(n)[:, None, None].to(source_embed.device)  # (rows, 1, 1), copy-major rows
         target = source_embed.repeat(copies, 1, 1)
         path = lambda act, shift=shift, target=target: act + shift * (target - act)  # noqa: E731
-        run = gradient_pass(runs.model, base_tokens.repeat(copies, 1), sorted(names), runs.readout(), embed=path)
+        run = gradient_pass(runs.model, base_tokens.repeat(copies, 1), sorted(names), runs.readout(), embed=path,
+                            last=None if last is None else last.repeat(copies))
         first = run if first is None else first
         for name, g in (run.grads if reduce is None else reduce(run)).items():
             sums[name] = sums.get(name, 0) + g.reshape(copies, n, *g.shape[1:]).sum(0)
@@ -253,6 +276,7 @@ def attribute(model: Any, task: Task, sites: Grid | Sequence[Site], method: str 
     grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
     _check(method, intervention, steps)
     validate(grid.sites, model, task.n_pos)
+    _check_positions(task, grid, intervention)
     qk, rotary = _qk_hooks(grid) if method == "atp*" else (set(), set())
     names = {s.hook for s in grid} | qk
     patterns = {h for h in qk if h.endswith("hook_pattern")}  # read in the base run only
@@ -266,7 +290,8 @@ def attribute(model: Any, task: Task, sites: Grid | Sequence[Site], method: str 
         runs = unpatched(model, task, intervention, sorted(names - patterns), base_hooks=sorted(patterns | extra),
                          gradients=True, optional=sorted(rotary), keep_graph=graddrop)
         run = runs.base
-    terms = _terms(grid, run.acts, runs.source.acts, intervention, qk_fix=method == "atp*")
+    terms = _terms(grid, run.acts, runs.source.acts, intervention, qk_fix=method == "atp*",
+                   named=runs.task.named_positions)
     change = _estimate(terms, run.grads, len(grid), task.n_examples)  # (sites, n)
     if graddrop:
         change = change.sign() * _graddrop(model, run, terms, change)

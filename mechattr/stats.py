@@ -3,6 +3,9 @@
 - `summarize`: mean, sample standard deviation and a Student-t interval of the mean.
 - `mean_sd`: mean and sample standard deviation, 0 for a single value (a table cell of one seed).
 - `clopper_pearson`: the exact binomial interval of a proportion.
+- `wilson`: the Wilson score interval of a proportion (Newcombe 1998, method 3).
+- `bootstrap_accuracy`, `bootstrap_paired`: percentile intervals of an accuracy and of a paired
+  difference of accuracies, resampling examples and seeds together (two-level bootstrap).
 - `benjamini_hochberg`: which hypotheses to reject at a false discovery rate.
 - `kl_divergence`: KL(p || q) from log-probabilities, per row.
 """
@@ -17,7 +20,8 @@ from jaxtyping import Bool, Float
 from scipy import stats
 from torch import Tensor
 
-__all__ = ["Summary", "summarize", "mean_sd", "clopper_pearson", "benjamini_hochberg", "kl_divergence"]
+__all__ = ["Summary", "summarize", "mean_sd", "clopper_pearson", "wilson", "Interval", "bootstrap_accuracy",
+           "bootstrap_paired", "benjamini_hochberg", "kl_divergence"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,80 @@ def clopper_pearson(hits: int, trials: int, level: float = 0.95) -> tuple[float,
     low = 0.0 if hits == 0 else float(stats.beta.ppf(alpha / 2, hits, trials - hits + 1))
     high = 1.0 if hits == trials else float(stats.beta.ppf(1 - alpha / 2, hits + 1, trials - hits))
     return low, high
+
+
+def wilson(hits: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion hits / trials (inside [0, 1] by construction);
+    (0, 1) for no trials."""
+    if not 0 <= hits <= trials:
+        raise ValueError(f"need 0 <= hits <= trials, got hits={hits}, trials={trials}")
+    if trials == 0:
+        return 0.0, 1.0
+    z = float(stats.norm.ppf((1 + level) / 2))
+    p = hits / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate and its percentile-bootstrap interval."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float = 0.95
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def __str__(self) -> str:
+        return f"{self.estimate:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def _two_level(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap means of `values` [..., seeds, examples]: each replicate redraws the seeds and, shared by
+    every seed, the examples (an example is one item seen by every seed)."""
+    rng = np.random.default_rng(seed)
+    *lead, n_seeds, n_examples = values.shape
+    flat = values.reshape(-1, n_seeds, n_examples)
+    out = np.empty(n_boot)
+    for b in range(n_boot):
+        s = rng.integers(0, n_seeds, n_seeds)
+        e = rng.integers(0, n_examples, n_examples)
+        out[b] = flat[:, s][:, :, e].mean()
+    return out
+
+
+def bootstrap_accuracy(correct: Bool[Tensor, "seeds examples"] | np.ndarray, level: float = 0.95,
+                       n_boot: int = 2000, seed: int = 0) -> Interval:
+    """Mean accuracy over seeds and examples with a two-level percentile-bootstrap interval (in [0, 1]:
+    every replicate is an accuracy)."""
+    x = np.asarray(correct, dtype=float)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(f"need correctness of shape [seeds, examples], got {x.shape}")
+    boots = _two_level(x, n_boot, seed)
+    alpha = (1 - level) / 2
+    return Interval(float(x.mean()), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha)), level)
+
+
+def bootstrap_paired(a: Bool[Tensor, "seeds examples"] | np.ndarray,
+                     b: Bool[Tensor, "seeds draws examples"] | np.ndarray, level: float = 0.95,
+                     n_boot: int = 2000, seed: int = 0) -> Interval:
+    """Accuracy of `a` minus accuracy of `b`, paired by seed and example (`b` may hold several draws per
+    seed, averaged), with a two-level percentile-bootstrap interval over seeds and examples."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if b.ndim == 2:
+        b = b[:, None]
+    if a.ndim != 2 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+        raise ValueError(f"need a [seeds, examples] and b [seeds, draws, examples] with the same seeds and "
+                         f"examples, got {a.shape} and {b.shape}")
+    diff = a - b.mean(1)  # [seeds, examples]
+    boots = _two_level(diff, n_boot, seed)
+    alpha = (1 - level) / 2
+    return Interval(float(diff.mean()), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha)), level)
 
 
 def benjamini_hochberg(pvalues: Float[Tensor, "*cells"], alpha: float = 0.05) -> Bool[Tensor, "*cells"]:

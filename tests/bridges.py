@@ -29,3 +29,14 @@ def random_task(vocab: int, corrupted: tuple[int, ...], seed: int, name: str, n:
     for pos in corrupted:
         corrupt[:, pos] = torch.randint(0, vocab, (n,), generator=g)
     return Task(clean, corrupt, answer=torch.arange(1, n + 1), wrong=torch.arange(n + 1, 2 * n + 1), name=name)
+
+
+def answered_task(seed: int, n: int = 12) -> Task:
+    """n random 7-token prompts corrupted at position 3, with random answer and wrong-answer ids (of the
+    native model's 50-token vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 50, (n, 7), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 3] = torch.randint(0, 50, (n,), generator=g)
+    return Task(clean, corrupt, answer=torch.randint(0, 50, (n,), generator=g),
+                wrong=torch.randint(0, 50, (n,), generator=g), name=f"random{seed}")

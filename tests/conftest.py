@@ -41,3 +41,20 @@ def tiny_task():
     from tests.bridges import random_task
 
     return random_task(50, (2, 4), seed=0, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory):
+    """SmolLM2 loaded with the checkpoint's weights (no compatibility mode), heads L9H6 and L12H0 trained
+    two steps on IOI, and exported: (trained bridge, its `FinetuneResult`, the export folder)."""
+    from mechattr.finetune import TrainConfig, masks, train
+    from mechattr.finetune.export import export
+    from mechattr.selection import SiteSet
+    from mechattr.sites import Site
+
+    model = mechattr.load_model("smollm2-135m", compatibility=False)
+    sites = SiteSet.of([Site("z", 9, head=6), Site("z", 12, head=0)])
+    task = mechattr.tasks.ioi(model, n=8, seed=0)
+    result = train(model, masks(model, sites), task, TrainConfig(steps=2, lr=1e-2, batch_size=4), progress=False,
+                   sites=sites, base_model="smollm2-135m")
+    return model, result, export(model, tmp_path_factory.mktemp("export") / "smollm2", delta=result.delta)

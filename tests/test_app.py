@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 import mechattr
 from mechattr.app import DELTA_FILE, STAGE_DIR, RunConfig, run, write_json
+from mechattr.app.config import CURVE_TASKS
 from mechattr.finetune import Delta
+from mechattr.finetune.budgets import BudgetCurves
 from mechattr.tasks import cause_effect
 
 
@@ -57,8 +60,8 @@ def test_outputs_are_complete(quick_run):
     out, metrics = quick_run
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert all(log["status"] == "computed" for log in metrics["stages"].values())
-    assert set(metrics["stages"]) == {"table_before_cancer", "knowledge_before", "sites", "finetune", "delta",
-                                      "heldout", "knowledge_after", "table_after_cancer"}
+    assert set(metrics["stages"]) == {"table_before_cancer", "knowledge_before", "sites", f"curves_{CURVE_TASKS[0]}",
+                                      "delta", "export", "heldout", "knowledge_after", "table_after_cancer"}
     report = (out / "report.md").read_text()
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert len(figures) >= 5 and all((out / f).is_file() and (out / f).stat().st_size > 1000 for f in figures)
@@ -81,8 +84,26 @@ def test_report_tables_match_metrics(quick_run):
     cak = table["attributions"]["CAK"]
     assert _report_cells(report, "CAK")[2:5] == [f"{cak['mean']:.3f}", f"{cak['sd']:.3f}",
                                                   f"[{cak['ci_low']:.3f}, {cak['ci_high']:.3f}]"]
-    accuracy = metrics["finetune"]["heldout_accuracy"]["precision"]["mean"]
-    assert _report_cells(report, "precision")[1].startswith(f"{accuracy:.3f}")
+    exact = next(e for e in metrics["curves"][CURVE_TASKS[0]]["summary"] if e["method"] == "exact")
+    assert _report_cells(report, "head | 1 | exact")[4] == \
+        f"{exact['accuracy']:.3f} [{exact['accuracy_low']:.3f}, {exact['accuracy_high']:.3f}]"
+
+
+@pytest.mark.slow
+def test_budget_curves_are_saved_scored_and_matched(quick_run, smollm2):
+    out, metrics = quick_run
+    name = CURVE_TASKS[0]
+    curves = BudgetCurves.load(out / "curves" / name)
+    assert curves.summary() == metrics["curves"][name]["summary"]
+    heldout = curves.meta["n_heldout"]
+    assert heldout == RunConfig.quick().curve_heldout and len(curves.base_correct) == heldout
+    rows = {(r["method"], r["seed"]): r for r in curves.rows}
+    assert {m for m, _ in rows} == {"exact", "atp", "random"}
+    per_head = 576 * 64 * 2  # a query head's W_Q rows and W_O columns
+    for seed in RunConfig.quick().curve_seeds:
+        assert abs(rows[("random", seed)]["n_trained"] - rows[("exact", seed)]["n_trained"]) <= per_head
+    verdicts = metrics["curves"][name]["verdicts"]
+    assert len(verdicts) == 2 and all(re.search(r": (beats|loses|ties|undecided)", v) for v in verdicts)
 
 
 @pytest.mark.slow
@@ -107,12 +128,9 @@ def test_delta_reproduces_heldout_accuracy(quick_run):
     with torch.no_grad():
         last = model(heldout.clean)[:, -1]  # (n, vocab)
     right = (last.gather(-1, heldout.answer[:, None]) > last.gather(-1, heldout.wrong[:, None])).float().mean()
-    precision = next(r for r in metrics["finetune"]["rows"] if r["method"] == "precision" and r["seed"] == 0)
-    assert float(right) == pytest.approx(precision["heldout_accuracy"], abs=1e-9)
     assert float(right) == pytest.approx(metrics["delta"]["heldout"]["accuracy"], abs=1e-9)
     assert float(right) == pytest.approx(metrics["heldout"]["tuned"]["accuracy"], abs=1e-9)
-    assert metrics["delta"]["n_trained"] == precision["n_trained"]
-    assert sorted(metrics["delta"]["sites"]) == sorted(metrics["sites"]["sites"]) == sorted(precision["sites"])
+    assert sorted(metrics["delta"]["sites"]) == sorted(metrics["sites"]["sites"])
 
 
 @pytest.mark.slow
@@ -129,3 +147,24 @@ def test_rerun_recomputes_only_the_missing_stage(quick_run, smollm2, tmp_path):
     assert strip(again) == strip(first)
     record = json.loads((out / STAGE_DIR / "heldout.json").read_text())
     assert record["result"] == first["heldout"]
+
+
+@pytest.mark.slow
+def test_exported_folder_loads_with_plain_transformers(quick_run, smollm2):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out, metrics = quick_run
+    e = metrics["export"]
+    assert e["coordinates"] == "checkpoint" and e["max_logit_gap"] < 1e-3
+    assert 0 < e["entries_changed"] <= e["n_trained"]
+    model = AutoModelForCausalLM.from_pretrained(out / "export", dtype=torch.float32).eval()
+    heldout = cause_effect(smollm2, "heldout", heldout=0.3, seed=0)
+    with torch.no_grad():
+        last = model(heldout.clean).logits[:, -1]
+    right = (last.gather(-1, heldout.answer[:, None]) > last.gather(-1, heldout.wrong[:, None])).float().mean()
+    assert float(right) == pytest.approx(e["heldout"]["accuracy"], abs=1e-9)
+    exported = load_file(str(out / "export" / "model.safetensors"))
+    original = load_file(str(Path(mechattr.models.checkpoint_of("smollm2-135m")) / "model.safetensors"))
+    assert sum(int((exported[k] != v).sum()) for k, v in original.items() if k in exported) == e["entries_changed"]
+    assert set(original) - set(exported) <= {"lm_head.weight"}  # tied to the embedding, saved once

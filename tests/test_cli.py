@@ -1,8 +1,11 @@
 """The command line writes what the library computes, and bad input ends in exit status 2 with a message
 that names the problem (no traceback)."""
 
+import argparse
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -174,3 +177,99 @@ def test_effects_of_a_task_file_record_its_size_and_absolute_path(capsys, tmp_pa
     # The saved effects are exact patching of the same file: rebuilt from its path, they are reproduced.
     assert len(checked["sites"]) == 3
     torch.testing.assert_close(torch.tensor(checked["exact"]), torch.tensor(checked["estimated"]), atol=1e-5, rtol=0)
+
+
+COMMANDS = ("run", "patch", "attribute", "verify", "discover", "finetune", "export")
+
+
+def help_of(capsys, command: str) -> str:
+    assert main([command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def option_help(text: str, option: str) -> str:
+    """The help of `option` in `--help` output, on one line."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(option + " ")
+                 or line.strip() == option or line.lstrip().startswith(option + ","))
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if line.startswith("  -") or not line.startswith("   "):  # the next option, or the end of the list
+            break
+        block.append(line)
+    return " ".join(" ".join(block).split())
+
+
+def listed(text: str, what: str) -> list[str]:
+    """The names of a "what: a, b or c" list, as `choices_help` writes it."""
+    items = re.search(re.escape(what) + r": (.+?)(?: \(default: |$)", text).group(1)
+    return [name for part in items.split(", ") for name in part.split(" or ")]
+
+
+def test_help_lists_exactly_the_registries(capsys):
+    from mechattr.attribution import METHODS
+    from mechattr.circuits import LEVELS
+    from mechattr.finetune.data import LOSSES
+    from mechattr.finetune.masks import KV_MODES
+    from mechattr.finetune.methods import METHODS as FINETUNE_METHODS, TopSites
+    from mechattr.interventions import INTERVENTIONS
+    from mechattr.sites import KINDS
+    from mechattr.tasks import METRICS, TASKS
+
+    for command in ("patch", "attribute"):
+        text = help_of(capsys, command)
+        assert listed(option_help(text, "--sites"), "site kinds, of") == list(KINDS)
+        assert listed(option_help(text, "--intervention"), "(see mechattr.interventions)") == \
+            [name for name, cls in INTERVENTIONS.items() if cls.by_name_ok]
+    for command in ("patch", "attribute", "verify", "discover", "finetune"):
+        text = help_of(capsys, command)
+        assert re.findall(r"(?:^--task TASK|;) (\w+): ", option_help(text, "--task")) == list(TASKS)
+        assert re.findall(r"(?:^--metric METRIC|;) (\w+): ", option_help(text, "--metric")) == list(METRICS)
+    assert listed(option_help(help_of(capsys, "attribute"), "--method"), "gradient estimate") == list(METHODS)
+    discover = help_of(capsys, "discover")
+    assert listed(option_help(discover, "--method"), "attribution used to rank") == list(METHODS)
+    assert listed(option_help(discover, "--level"), "what a circuit is made of") == list(LEVELS)
+    assert listed(option_help(discover, "--ablation"), "what ablated components get") == \
+        [name for name, cls in INTERVENTIONS.items() if cls.ablates]
+    finetune = help_of(capsys, "finetune")
+    assert listed(option_help(finetune, "--kv").split(" (any:")[0], "GQA key/value groups") == list(KV_MODES)
+    assert re.findall(r"(?:^--loss LOSS|;) (\w+): ", option_help(finetune, "--loss")) == list(LOSSES)
+    assert listed(option_help(finetune, "--baselines"), "comma-separated methods to compare with") == \
+        [name for name, cls in FINETUNE_METHODS.items() if cls is not TopSites]
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    from mechattr.cli import _parser
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(COMMANDS)
+    for command, parser in commands.items():
+        text = help_of(capsys, command)
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{command} {action.option_strings[0]} has no help"
+            shown = option_help(text, action.option_strings[0])
+            if action.default not in (None, False):
+                assert f"(default: {action.default})" in shown, (command, shown)
+
+
+def test_defaults_are_the_librarys(capsys):
+    from mechattr.circuits import discover
+    from mechattr.cli import _parser
+    from mechattr.finetune import TrainConfig
+    from mechattr.verification import verify
+
+    parse = _parser().parse_args
+    v = parse(["verify", "--effects", "e", "--out", "o"])
+    signature = inspect.signature(verify).parameters
+    assert (v.top, v.sample, v.strata, v.threshold, v.level) == tuple(
+        signature[name].default for name in ("top", "sample", "strata", "threshold", "level"))
+    d = parse(["discover", "--out", "o"])
+    signature = inspect.signature(discover).parameters
+    assert (d.method, d.ablation, d.target, d.points) == (signature["method"].default,
+                                                          signature["ablation"].default.name,
+                                                          signature["target"].default, signature["points"].default)
+    f = parse(["finetune", "--sites-from", "e", "--top-k", "1", "--out", "o"])
+    assert (f.steps, f.lr, f.batch_size, f.loss) == (TrainConfig.steps, TrainConfig.lr, TrainConfig.batch_size,
+                                                     TrainConfig.loss)

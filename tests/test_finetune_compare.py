@@ -10,22 +10,14 @@ from mechattr.finetune import (BottomSites, Full, LoRA, RandomSites, Text, TopSi
                                n_trained)
 from mechattr.finetune.methods import plain_model
 from mechattr.selection import select
-from mechattr.tasks import Task, cause_effect
-
-
-def random_task(seed, n=12):
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, 50, (n, 7), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 3] = torch.randint(0, 50, (n,), generator=g)
-    return Task(clean, corrupt, answer=torch.randint(0, 50, (n,), generator=g),
-                wrong=torch.randint(0, 50, (n,), generator=g), name=f"random{seed}")
+from mechattr.tasks import cause_effect
+from tests.bridges import answered_task
 
 
 @pytest.fixture(scope="module")
 def effects():
     model = mechattr.native_model()
-    return mechattr.patch(model, random_task(0), mechattr.grid(model, "z"), progress=False)
+    return mechattr.patch(model, answered_task(0), mechattr.grid(model, "z"), progress=False)
 
 
 def test_plain_model_computes_the_bridge_logits():
@@ -58,8 +50,8 @@ def test_methods_pick_what_they_promise(effects):
 def test_compare_runs_every_method_and_renders(effects, tmp_path):
     methods = [TopSites(effects, k=2), RandomSites(effects), LoRA(targets=("q", "v")), Full(lr=1e-3)]
     text = Text(torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(9)), name="noise")
-    table = compare(mechattr.native_model, random_task(0), random_task(1), methods,
-                    TrainConfig(steps=3, lr=1e-2, batch_size=6), seeds=(0, 1), other_task=random_task(2),
+    table = compare(mechattr.native_model, answered_task(0), answered_task(1), methods,
+                    TrainConfig(steps=3, lr=1e-2, batch_size=6), seeds=(0, 1), other_task=answered_task(2),
                     text=text, progress=False)
     assert [r["method"] for r in table.rows] == ["precision", "random", "lora", "full"] * 2
     full_count = sum(p.numel() for p in mechattr.native_model().parameters())

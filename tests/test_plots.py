@@ -118,15 +118,97 @@ def test_overlay_covers_exactly_the_cells_not_significant(resid):
         expected[cell] = False
     np.testing.assert_array_equal(covered, expected)
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["not significant (Benjamini-Hochberg, FDR 0.05)"]
+    assert legend == ["hatched: not significant (Benjamini-Hochberg, FDR 0.05)"]
 
 
-def test_overlay_fades_a_cell_with_the_same_value(resid):
-    # (0, 1) and (0, 3) have the same mean; only (0, 3) is not significant.
-    ax = plots.heatmap(resid)
-    shown, faded = pixels(ax, (1, 0), (3, 0))
-    assert faded.mean() > shown.mean() + 60, (shown, faded)
-    assert faded[0] > faded[2] + 20, faded  # still reads as positive
+def cell_pixels(ax, col: int, row: int) -> np.ndarray:
+    """The rendered RGB pixels inside image cell (col, row), 3 pixels in from its borders."""
+    ax.figure.canvas.draw()
+    rgba = np.asarray(ax.figure.canvas.buffer_rgba()).astype(int)
+    (x0, y0), (x1, y1) = ax.transData.transform([(col - 0.5, row + 0.5), (col + 0.5, row - 0.5)])
+    top, bottom = rgba.shape[0] - int(y1), rgba.shape[0] - int(y0)  # the buffer's first row is the top
+    return rgba[top + 3: bottom - 3, int(x0) + 3: int(x1) - 3, :3].reshape(-1, 3)
+
+
+def mode(pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    """The most frequent colour and the share of pixels that have it."""
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    return colours[counts.argmax()], counts.max() / counts.sum()
+
+
+def bar_colour(image, value: float) -> np.ndarray:
+    """The rendered colour bar's colour at `value`."""
+    bar = image.colorbar.ax
+    bar.figure.canvas.draw()
+    rgba = np.asarray(bar.figure.canvas.buffer_rgba()).astype(int)
+    x, y = bar.transData.transform((np.mean(bar.get_xlim()), value))
+    return rgba[rgba.shape[0] - int(round(y)), int(round(x)), :3]
+
+
+@pytest.fixture
+def mixed(tiny):
+    """Normalized 0.87 at (0, 3), not significant (spread 20), beside a significant 1.2 at (0, 1); every
+    other cell 0 and not significant."""
+    g = mechattr.grid(tiny, "resid_pre", 7)
+    means, spreads = torch.zeros(g.shape), torch.full(g.shape, 0.5)
+    means[0, 1], spreads[0, 1] = 2.4, 0.1
+    means[0, 3], spreads[0, 3] = 1.74, 20.0
+    return make_effects(g, means, spreads)
+
+
+def test_every_cell_has_its_colour_bar_colour(mixed):
+    assert not bool(mixed.significant()[0, 3]) and bool(mixed.significant()[0, 1])
+    ax = plots.heatmap(mixed)
+    image = image_of(ax)
+    for (row, col), value in (((0, 3), 0.87), ((0, 1), 1.2), ((1, 4), 0.0)):
+        expected = np.round(np.asarray(image.cmap(image.norm(value))[:3]) * 255)
+        shown, share = mode(cell_pixels(ax, col, row))
+        np.testing.assert_allclose(shown, expected, atol=1)  # the cell's own colour, not a faded one
+        if abs(value) < 1.2:  # 1.2 is the bar's end, on its frame
+            np.testing.assert_allclose(shown, bar_colour(image, value), atol=8)  # a bar pixel spans a small range
+        assert share > 0.7, share  # the hatch is light: most of a hatched cell shows its colour
+
+
+def test_hatching_marks_exactly_the_cells_not_significant(mixed):
+    ax = plots.heatmap(mixed)
+    significant = mixed.significant().numpy()
+    for row in range(2):
+        for col in range(7):
+            pixels = cell_pixels(ax, col, row)
+            colour, share = mode(pixels)
+            marked = (np.abs(pixels - colour).max(1) > 10).mean()
+            assert (marked > 0.03) == (not significant[row, col]), (row, col, marked)
+    assert overlay_of(ax).get_facecolor()[3] == 0  # the hatch has no face to tint the colour with
+
+
+def test_nothing_significant_at_small_n_stays_readable(tiny):
+    # Four examples and a noisy grid: no cell survives the correction, so every cell is hatched.
+    g = mechattr.grid(tiny, "resid_pre", 7)
+    per_example = torch.linspace(-1, 1, 14).reshape(*g.shape, 1) + torch.tensor([1.5, -1.5, 1.5, -1.5])
+    noisy = Effects(values=per_example.mean(-1), per_example=per_example, clean=torch.full((4,), 2.0),
+                    corrupt=torch.zeros(4), grid=g)
+    assert not noisy.significant().any()
+    ax = plots.heatmap(noisy)
+    image = image_of(ax)
+    for col, row in ((0, 0), (6, 1), (3, 1)):
+        shown, share = mode(cell_pixels(ax, col, row))
+        value = float(image.get_array()[row, col])
+        np.testing.assert_allclose(shown, np.round(np.asarray(image.cmap(image.norm(value))[:3]) * 255), atol=1)
+        assert share > 0.7, share
+
+
+def test_positions_whose_token_varies_say_so(tiny):
+    from mechattr.tasks import Task
+
+    clean = torch.tensor([[1, 2, 3, 4, 5, 6, 7]] * 4)
+    clean[:, 2] = torch.tensor([10, 11, 12, 13])  # a different name in each example
+    corrupt = clean.clone()
+    corrupt[:, 2] = torch.tensor([20, 21, 22, 23])
+    task = Task(clean, corrupt, answer=torch.arange(1, 5), wrong=torch.arange(5, 9), str_tokens=TOKENS)
+    effects = mechattr.patch(tiny, task, mechattr.grid(tiny, "resid_pre", 7), progress=False)
+    assert effects.meta["varying_positions"] == [2]
+    labels = [t.get_text() for t in plots.heatmap(effects).get_xticklabels()]
+    assert labels == [*TOKEN_LABELS[:2], "2: (varies)", *TOKEN_LABELS[3:]]
 
 
 def test_alpha_none_draws_no_overlay(resid):

@@ -42,7 +42,7 @@ def test_help_lists_every_registry_entry():
         assert f"{name}: {TASKS[name].help}" in " ".join(patch.split())
     for name in [*METRICS, *LOSSES]:
         assert f"{name}: " in patch + finetune
-    assert "--device" in patch and "--dtype" in patch and "{run,patch,attribute,verify,discover,finetune}" in \
+    assert "--device" in patch and "--dtype" in patch and "{run,patch,attribute,verify,discover,finetune,export}" in \
         _parser().format_help()
 
 

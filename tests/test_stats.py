@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
+from mechattr import stats
 from mechattr.stats import benjamini_hochberg, clopper_pearson, kl_divergence, mean_sd, summarize
 
 
@@ -67,3 +68,40 @@ def test_kl_divergence_matches_scipy_entropy():
     want = [scipy_stats.entropy(p[i].numpy(), q[i].numpy()) for i in range(2)]  # KL(p || q) in nats
     np.testing.assert_allclose(kl_divergence(p.log(), q.log()).numpy(), want, rtol=1e-12)
     assert float(kl_divergence(p.log(), p.log()).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("hits, trials, low, high", [  # Newcombe (1998), Stat. Med. 17:857, Table I, method 3
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
+def test_wilson_matches_the_textbook_table(hits, trials, low, high):
+    assert stats.wilson(hits, trials) == pytest.approx((low, high), abs=5e-5)
+
+
+def test_wilson_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="hits=5, trials=4"):
+        stats.wilson(5, 4)
+
+
+def test_bootstrap_accuracy_stays_in_the_unit_interval_and_covers_the_mean():
+    rng = np.random.default_rng(0)
+    always = stats.bootstrap_accuracy(np.ones((5, 200)))
+    assert (always.low, always.estimate, always.high) == (1.0, 1.0, 1.0)
+    correct = rng.random((5, 200)) < 0.7
+    interval = stats.bootstrap_accuracy(correct)
+    assert 0 <= interval.low < correct.mean() < interval.high <= 1
+    # Close to the binomial standard error when seeds agree (all rows equal: only examples vary).
+    same = np.repeat(correct[:1], 5, axis=0)
+    width = stats.bootstrap_accuracy(same).half_width
+    assert width == pytest.approx(1.96 * np.sqrt(same.mean() * (1 - same.mean()) / 200), rel=0.15)
+
+
+def test_bootstrap_paired_pairs_by_seed_and_example():
+    rng = np.random.default_rng(1)
+    b = rng.random((5, 3, 200)) < 0.6
+    assert stats.bootstrap_paired(b[:, 0], b[:, :1]).estimate == 0.0
+    diff = stats.bootstrap_paired(b[:, 0], b[:, :1])
+    assert diff.low == diff.high == 0.0  # identical runs: no spread, whatever is resampled
+    better = b[:, 0] | (rng.random((5, 200)) < 0.3)
+    interval = stats.bootstrap_paired(better, b)
+    assert interval.estimate == pytest.approx(better.mean() - b.mean())
+    with pytest.raises(ValueError, match="same seeds and examples"):
+        stats.bootstrap_paired(better, b[:4])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mechattr.cli.common import task_of
-from mechattr.tasks import TASKS, Task, TaskError, by_name, cause_effect, facts, ioi, split_examples, train_heldout
+from mechattr.tasks import (TASKS, Task, TaskError, by_name, cause_effect, facts, ioi, ioi_distractor, split_examples,
+                            train_heldout)
 
 
 class _Words:
@@ -34,13 +35,14 @@ def words():
 
 def test_every_registered_task_is_built_by_name_as_its_own_builder_builds_it(words):
     direct = {"ioi": ioi(words, n=6, seed=3), "facts": facts(words, n=6, seed=3),
-              "cause_effect": cause_effect(words, "train", seed=3)}
-    assert set(TASKS) == set(direct)
+              "cause_effect": cause_effect(words, "train", seed=3), "ioi_distractor": ioi_distractor(words, n=6, seed=3)}
+    # greater_than needs a tokenizer that splits numbers into digits: tests/test_generated_tasks.py covers it.
+    assert set(TASKS) == set(direct) | {"greater_than"}
     for name, want in direct.items():
         got = by_name(words, name, n=6, seed=3)
         assert got.name == want.name and torch.equal(got.clean, want.clean) and torch.equal(got.answer, want.answer)
         assert torch.equal(task_of(words, name, 6, 3).corrupt, want.corrupt)  # the command line's lookup
-    with pytest.raises(TaskError, match="unknown task 'iou'; valid: ioi, facts, cause_effect, or a path"):
+    with pytest.raises(TaskError, match="unknown task 'iou'; valid: ioi, facts, cause_effect, greater_than, ioi_distractor, or a path"):
         by_name(words, "iou")
 
 

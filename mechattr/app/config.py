@@ -6,8 +6,15 @@ from typing import Any
 
 from mechattr import causal
 from mechattr.sites import KINDS
+from mechattr.tasks.registry import TASKS
 
-__all__ = ["RunConfig"]
+# Generated tasks with room to improve (base held-out accuracy about 55-85%): the budget curves' tasks.
+CURVE_TASKS: tuple[str, ...] = ("greater_than", "ioi_distractor")
+# What `RunConfig.full()` (`mechattr run --full`) changes: every budget on every task, every baseline.
+FULL_CURVES: dict[str, Any] = dict(curve_tasks=CURVE_TASKS, curve_heads=(1, 2, 4, 8, 16), curve_draws=3,
+                                   curve_baselines=("random", "bottom-k", "lora", "full"))
+
+__all__ = ["RunConfig", "CURVE_TASKS", "FULL_CURVES"]
 
 
 @dataclass(frozen=True)
@@ -30,9 +37,18 @@ class RunConfig:
     steps: int = 20  # optimizer steps of every fine-tuning run (fewer leave precision near chance)
     batch_size: int = 8  # examples per step
     lr: float = 1e-3  # learning rate of every method
-    seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the comparison; the first one's delta is kept
+    seeds: tuple[int, ...] = (0, 1, 2)  # the kept precision delta trains with the first
     heldout: float = 0.3  # share of cause-effect pairs held out from training
     reattribute: tuple[str, ...] = ("asia",)  # networks whose table is recomputed on the fine-tuned model
+    curve_tasks: tuple[str, ...] = (CURVE_TASKS[0],)  # tasks of the budget curves (train/held-out splits)
+    curve_heads: tuple[int, ...] = (4,)  # head budgets of the curves (`full`: 1, 2, 4, 8, 16)
+    curve_neurons: bool = True  # also neuron budgets, matched to the head budgets' parameter counts
+    curve_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # seeds of every curve point
+    curve_draws: int = 2  # random site sets per seed
+    curve_baselines: tuple[str, ...] = ("random", "lora")  # besides exact- and AtP-selected sites
+    curve_steps: int = 20  # optimizer steps of every curve run
+    curve_rank_examples: int = 32  # training examples the sites are ranked on (exact patching and AtP)
+    curve_heldout: int | None = None  # held-out examples scored (None: the whole held-out split)
     seed: int = 0  # draws data, prompts, made-up names and the train/held-out split
     threads: int | None = 1  # torch CPU threads during the run (None: torch's default); see `run`
     fast: bool = False  # a smoke-test configuration (see `quick`); the report says so
@@ -72,6 +88,15 @@ class RunConfig:
             bad("seeds", f"need one or more distinct seeds, got {self.seeds}")
         if not 0 < self.heldout < 1:
             bad("heldout", f"must be a share in (0, 1), got {self.heldout}")
+        unknown_tasks = [t for t in self.curve_tasks if t not in TASKS or TASKS[t].split is None]
+        if unknown_tasks:
+            bad("curve_tasks", f"{unknown_tasks} are not tasks with a train/held-out split; valid: "
+                f"{[name for name, entry in TASKS.items() if entry.split is not None]}")
+        if not self.curve_heads or min(self.curve_heads) < 1 or self.curve_draws < 1:
+            bad("curve_heads", f"need positive head budgets and curve_draws >= 1, got {self.curve_heads} and "
+                f"{self.curve_draws}")
+        if not self.curve_seeds or len(set(self.curve_seeds)) != len(self.curve_seeds):
+            bad("curve_seeds", f"need one or more distinct seeds, got {self.curve_seeds}")
         if not self.lr > 0:
             bad("lr", f"must be positive, got {self.lr}")
 
@@ -82,8 +107,15 @@ class RunConfig:
         small = dict(networks=("cancer",), trials=2, data_tokens=48, n_samples=200, component_network="cancer",
                      component_kinds=("attn_out",), component_layers=(0, 8, 16, 24), component_rows=2,
                      component_examples=4, component_trials=2, candidates=4, top_k=4, steps=4, seeds=(0,),
-                     reattribute=("cancer",), fast=True)
+                     reattribute=("cancer",), curve_heads=(1,), curve_neurons=False, curve_seeds=(0, 1),
+                     curve_draws=1, curve_baselines=("random",), curve_steps=2, curve_rank_examples=8,
+                     curve_heldout=48, fast=True)
         return cls(**{**small, **changes})
+
+    @classmethod
+    def full(cls, **changes: Any) -> "RunConfig":
+        """Every budget curve: both generated tasks, 1-16 heads and matched neurons, every baseline."""
+        return cls(**{**FULL_CURVES, **changes})
 
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":

@@ -13,8 +13,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mechattr import plots
+from mechattr.app.config import FULL_CURVES
 from mechattr.causal import ATTRIBUTIONS, SETTINGS
 from mechattr.effects import Effects, load_effects
+from mechattr.finetune.budgets import BudgetCurves, summary_markdown
+from mechattr.plots.finetune import plot_budget_curves
 
 __all__ = ["render"]
 
@@ -81,36 +84,24 @@ def _knowledge_figure(out: Path, against: str, path: Path) -> None:
     plots.save(fig, path)
 
 
-def _finetune_figure(metrics: dict[str, Any], path: Path) -> None:
-    """Held-out accuracy and KL on unrelated text per method (one dot per seed), and the kept run's curve."""
-    finetune, delta = metrics["finetune"], metrics["delta"]
-    methods = [e["method"] for e in finetune["summary"]]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
-    for ax, key, label in ((axes[0], "heldout_accuracy", "held-out accuracy"),
-                           (axes[1], "kl_unrelated", "KL from base on unrelated text (nats)")):
-        for i, method in enumerate(methods):
-            values = [r[key] for r in finetune["rows"] if r["method"] == method]
-            ax.bar(i, np.mean(values), 0.6, color="0.8")
-            ax.plot([i] * len(values), values, "o", color="k", markersize=4)
-        if key == "heldout_accuracy":
-            ax.axhline(finetune["base"]["heldout_accuracy"], color="tab:red", linestyle="--", label="base model")
-            ax.set_ylim(0, 1)
-            ax.legend(fontsize=7, frameon=False)
-        ax.set_xticks(range(len(methods)), methods)
-        ax.set_title(label, fontsize=10)
-    steps = [s for s, _ in delta["history"]]
-    axes[2].plot(steps, [h["accuracy"] for _, h in delta["history"]], "o-", label="held-out accuracy")
-    axes[2].plot(range(1, len(delta["losses"]) + 1), delta["losses"], color="0.5", label="training loss")
-    axes[2].set_xlabel("step")
-    axes[2].xaxis.get_major_locator().set_params(integer=True)
-    axes[2].set_title(f"precision run, seed {delta['seed']}", fontsize=10)
-    axes[2].legend(fontsize=7, frameon=False)
+def _delta_figure(metrics: dict[str, Any], path: Path) -> None:
+    """The kept precision run: held-out accuracy and training loss per step."""
+    delta = metrics["delta"]
+    fig, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
+    ax.plot([s for s, _ in delta["history"]], [h["accuracy"] for _, h in delta["history"]], "o-",
+            label="held-out accuracy")
+    ax.plot(range(1, len(delta["losses"]) + 1), delta["losses"], color="0.5", label="training loss")
+    ax.set_xlabel("step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"precision run, seed {delta['seed']}", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
     plots.save(fig, path)
 
 
 def _figures(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
     """Draw every figure; returns {name: relative path}."""
-    names = ["tdr", "sites", "finetune"] + [f"knowledge_{against}" for against in _CONTRASTS]
+    names = ["tdr", "sites", "delta"] + [f"knowledge_{against}" for against in _CONTRASTS] + \
+        [f"curves_{name}" for name in metrics["curves"]]
     paths = {name: f"{_FIGURES}/{name}.png" for name in names}
     _tdr_figure(metrics["tables"], out / paths["tdr"])
     for against in _CONTRASTS:
@@ -118,7 +109,9 @@ def _figures(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
     ax = plots.heatmap(Effects.load(out / "effects" / "sites_atp"), value="effect",
                        title="AtP estimate: effect of each head on the cause-effect training pairs")
     plots.save(ax.figure, out / paths["sites"])
-    _finetune_figure(metrics, out / paths["finetune"])
+    _delta_figure(metrics, out / paths["delta"])
+    for name in metrics["curves"]:
+        plots.save(plot_budget_curves(BudgetCurves.load(out / "curves" / name)), out / paths[f"curves_{name}"])
     return paths
 
 
@@ -184,31 +177,53 @@ def _sites_section(sites: dict, paths: dict) -> list[str]:
     return lines + ["", f"![AtP per head]({paths['sites']})", ""]
 
 
-def _finetune_section(metrics: dict, paths: dict) -> list[str]:
-    config, finetune, delta = metrics["config"], metrics["finetune"], metrics["delta"]
-    row = next(r for r in finetune["rows"] if r["method"] == finetune["reference"] and r["seed"] == delta["seed"])
-    lines = [f"Every method trained from a fresh base model on the same {metrics['sites']['n_train']} training "
-             f"prompts, {config['steps']} AdamW steps of {config['batch_size']} at lr {config['lr']:g}, seeds "
-             f"{config['seeds']}. `random` trains heads drawn at random (seeded) until its parameter count is "
-             "closest to precision's; `lora` adapts q_proj and v_proj with the rank closest to that count. "
-             "KL is measured on unrelated text, the other-task change on IOI.", "",
-             "| method | held-out accuracy, mean [95% CI over seeds] |", "|---|---|",
-             f"| base model | {finetune['base']['heldout_accuracy']:.3f} |"]
-    lines += [f"| {m} | {_ci(s)} |" for m, s in finetune["heldout_accuracy"].items()]
-    lines += ["", "Mean ± sd over seeds:", "", _comparison_markdown(finetune), "",
-              f"![fine-tuning]({paths['finetune']})", "",
-              f"The kept delta (seed {delta['seed']}, {delta['n_trained']:,} entries, heads "
-              f"{', '.join(delta['sites'])}): loss {delta['losses'][0]:.3f} -> {delta['losses'][-1]:.3f}; held-out "
-              f"accuracy {delta['heldout']['accuracy']:.3f} (metric {delta['heldout']['metric']:+.3f}), "
-              + ("the same as" if row["heldout_metric"] == delta["heldout"]["metric"] else "DIFFERENT from")
-              + f" the comparison's {finetune['reference']} run of that seed.", ""]
+def _delta_section(metrics: dict, paths: dict) -> list[str]:
+    config, delta = metrics["config"], metrics["delta"]
+    return [f"The heads above trained on the {metrics['sites']['n_train']} training pairs, {config['steps']} AdamW "
+            f"steps of {config['batch_size']} at lr {config['lr']:g}, seed {delta['seed']}: {delta['n_trained']:,} "
+            f"entries, loss {delta['losses'][0]:.3f} -> {delta['losses'][-1]:.3f}, held-out accuracy "
+            f"{delta['heldout']['accuracy']:.3f} (metric {delta['heldout']['metric']:+.3f}). Whether such sites beat "
+            "chance is what the budget curves (section 4) measure, on tasks large enough to tell.", "",
+            f"![precision run]({paths['delta']})", ""]
+
+
+def _export_section(metrics: dict) -> list[str]:
+    e, model = metrics["export"], metrics["config"]["model"]
+    return [f"The same run on the checkpoint's own weights (`load_model({model!r}, compatibility=False)`; "
+            "compatibility mode folds LayerNorm into the weights), exported to `export/` as a Hugging Face "
+            f"folder: `AutoModelForCausalLM.from_pretrained(\"{e['folder']}\")` gives the trained bridge's "
+            f"last-position logits on the held-out prompts to within {e['max_logit_gap']:.2e}, and "
+            f"{e['entries_changed']:,} entries differ from the original checkpoint ({e['n_trained']:,} were "
+            f"trained). Held-out accuracy of the exported model with plain `transformers`: "
+            f"{e['heldout']['accuracy']:.3f} (metric {e['heldout']['metric']:+.3f}). `export/delta.safetensors` "
+            "holds the trained entries against the original checkpoint, keyed by Hugging Face names "
+            "(docs/export.md).", ""]
+
+
+def _curves_section(metrics: dict, paths: dict) -> list[str]:
+    config = metrics["config"]
+    lines = ["At each budget every method trains from a fresh base model on the same examples, steps and seeds: "
+             "`exact` / `atp` train the top-k sites by exact patching / by AtP; `random` trains sites drawn at "
+             "random (per seed and draw) until the parameter count is closest to `exact`'s; `bottom-k` the k "
+             "sites of least estimated effect; `lora` adapts q_proj and v_proj with the rank closest to that "
+             "count; `full` trains everything. Neuron budgets match the head budgets' parameter counts. "
+             "Accuracy intervals are two-level bootstrap intervals over seeds and held-out examples (inside "
+             "[0, 1]); precision - random is paired by seed and example. A verdict says `beats` or `loses` "
+             "when its interval excludes 0, `ties` when it lies within ±0.05, else `undecided`.", ""]
+    for name, c in metrics["curves"].items():
+        meta = c["meta"]
+        lines += [f"### {name}", "",
+                  f"{c['n_train']} training and {c['n_heldout']} held-out examples, e.g. "
+                  f"{c['clean_prompt']!r} -> {c['answer']!r} (not {c['wrong']!r}); sites ranked on "
+                  f"{c['n_rank']} training examples"
+                  + (f", neurons' exact ranking among the {c['n_neuron_shortlist']} with the largest AtP "
+                     "estimates" if c["n_neuron_shortlist"] else "")
+                  + f"; {config['curve_steps']} steps, seeds {meta['seeds']}, {meta['draws']} random draw(s) per "
+                  f"seed. Base model held-out accuracy {c['base']['heldout_accuracy']:.3f}.", "",
+                  summary_markdown(c["summary"]), "", f"![budget curves]({paths[f'curves_{name}']})", ""]
+        lines += [f"- {v}" for v in c["verdicts"]] + [""]
+        lines += [f"Note: {note}" for note in meta.get("notes", [])] + [""]
     return lines
-
-
-def _comparison_markdown(finetune: dict) -> str:
-    from mechattr.finetune.compare import ComparisonTable
-
-    return ComparisonTable(tuple(finetune["rows"]), finetune["base"]).to_markdown()
 
 
 def _after_section(metrics: dict) -> list[str]:
@@ -246,14 +261,10 @@ def _summary(metrics: dict) -> list[str]:
         lines.append(f"- **Component level, {what}:** " + "; ".join(
             f"{when} fine-tuning, " + _component_reading(metrics["knowledge"][when][against]) for when in
             ("before", "after")) + ".")
-    finetune = metrics["finetune"]
-    acc, base = finetune["heldout_accuracy"], finetune["base"]["heldout_accuracy"]
-    costs = {e["method"]: e for e in finetune["summary"]}
-    lines.append(f"- **Precision fine-tuning:** held-out accuracy on unseen cause-effect pairs {base:.3f} (base) -> "
-                 + "; ".join(f"{m} {_ci(s)} with {costs[m]['n_trained']:,.0f} trained parameters and KL "
-                             f"{costs[m]['kl_unrelated']:.4f} on unrelated text" for m, s in acc.items()) + ". "
-                 + "; ".join(f"{finetune['reference']} minus {m}, paired by seed: {_ci(s)} ({_verdict(s)})"
-                             for m, s in finetune["reference_minus"].items()) + ".")
+    for name, c in metrics["curves"].items():
+        lines.append(f"- **Budget curves, {name}** (base held-out accuracy {c['base']['heldout_accuracy']:.3f}, "
+                     f"{c['n_heldout']} held-out examples, {len(c['meta']['seeds'])} seeds): "
+                     + "; ".join(v.split(": ", 1)[1] if ": " in v else v for v in c["verdicts"]) + ".")
     for network, table in metrics["tables"]["after"].items():
         a = table["attributions"]
         lines.append(f"- **After fine-tuning, {network}:** " + "; ".join(
@@ -292,8 +303,12 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
     if config["fast"]:
         lines += ["> **Smoke-test configuration** (`--fast`): tiny sizes; the numbers show that the pipeline "
                   "runs, not what the model does.", ""]
+    elif tuple(config["curve_heads"]) != FULL_CURVES["curve_heads"] or \
+            tuple(config["curve_tasks"]) != FULL_CURVES["curve_tasks"]:
+        lines += [f"> Budget curves at {config['curve_heads']} heads on {list(config['curve_tasks'])}; "
+                  "`mechattr run --full` runs every budget (1-16 heads and matched neurons) on every task.", ""]
     shown = {k: config[k] for k in ("networks", "trials", "data_tokens", "component_network", "top_k", "steps",
-                                    "seeds", "lr", "seed", "threads")}
+                                    "seeds", "lr", "seed", "curve_tasks", "curve_heads", "curve_seeds", "threads")}
     lines += [f"Configuration: `{json.dumps(shown)}` (all of it in `config.json`).", "",
               "Attribution at two levels (the prompt, then the model's components), precision fine-tuning of the "
               "heads that carry a causal-direction question, and the same measurements after fine-tuning.", "",
@@ -315,10 +330,14 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
               "is patched from the clean run into the corrupted one (all positions at once).", "",
               *_knowledge_section(metrics["knowledge"], paths),
               "## 3. Precision fine-tuning for pairwise causal direction", "", *_sites_section(metrics["sites"], paths),
-              *_finetune_section(metrics, paths), "## 4. After fine-tuning", "", *_after_section(metrics),
+              *_delta_section(metrics, paths), *_export_section(metrics),
+              "## 4. Budget curves: do attribution-selected sites beat chance?", "",
+              *_curves_section(metrics, paths), "## 5. After fine-tuning", "", *_after_section(metrics),
               "## Files", "", "`metrics.json` (every number above), `config.json`, `stages/` (one record per stage), "
               "`tables/<network>_<before|after>/` (per-trial scores and pair scores), `effects/` (saved `Effects`: "
-              "`mechattr.load_effects(dir)`), `finetune/comparison.{md,json}`, `delta.safetensors` "
+              "`mechattr.load_effects(dir)`), `curves/<task>/curves.{md,json}` (every run, with per-example "
+              "correctness: `BudgetCurves.load(dir)`), "
+              "`export/` (the Hugging Face folder), `delta.safetensors` "
               "(`Delta.load(path).apply(mechattr.load_model(name))`), `figures/`.", "",
               "| stage | status in this run | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {log['status']} | {log['seconds']:.0f} |" for name, log in metrics["stages"].items()]

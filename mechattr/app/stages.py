@@ -13,13 +13,18 @@ rerun into the same directory skips every stage whose record and files are compl
 3. `sites`: the attention heads that carry the direction of a cause-effect question: AtP over every
    head on the training pairs of `tasks.cause_effect`, its top `candidates` verified by exact
    patching; the `top_k` of largest exact |effect| are the precision sites.
-4. `finetune`: `finetune.compare` of precision fine-tuning on those heads, random heads with as many
-   trained parameters and LoRA of about as many, on the same data, steps and seeds.
-5. `delta`: the precision run of the first seed again, to keep its delta (the comparison keeps scores
-   only); training is deterministic, so this is the comparison's run.
-6. `heldout`: the saved delta applied to a fresh base model and scored on held-out pairs, with the
+4. `curves_<task>`: budget curves on each of `curve_tasks` (generated tasks with room to improve):
+   heads ranked by exact patching and by AtP on `curve_rank_examples` training examples, neurons by
+   AtP with its top ones verified by exact patching; then `finetune.budget_curves` of exact- and
+   AtP-selected sites against random sites of the same parameter count and the other baselines, at
+   every budget and seed, each scored on the held-out split and on the other tasks.
+5. `delta`: precision fine-tuning of the stage-3 heads on the cause-effect pairs (first seed); its
+   delta is kept for stages 7-8.
+6. `export`: stage 5's run again on the checkpoint's own weights, exported as a Hugging Face folder
+   (`export/`), loaded back with plain `transformers` and compared with the trained bridge.
+7. `heldout`: the saved delta applied to a fresh base model and scored on held-out pairs, with the
    precision heads' exact effects there before and after.
-7. `knowledge_after`, `table_after_<network>`: stages 2 and 1 on the fine-tuned model.
+8. `knowledge_after`, `table_after_<network>`: stages 2 and 1 on the fine-tuned model.
 
 `report.md`, `figures/` and `metrics.json` are then written from the stage records.
 """
@@ -35,19 +40,23 @@ import torch
 from mechattr import causal
 from mechattr.app.config import RunConfig
 from mechattr.app.report import render
-from mechattr.app.store import DELTA_FILE, RunDirectory, write_json
+from mechattr.app.store import DELTA_FILE, EXPORT_DIR, RunDirectory, write_json
 from mechattr.attribution import attribute
 from mechattr.causal.components import AGAINST, knowledge_effects
 from mechattr.causal.prompts import context, question
 from mechattr.effects import Effects
-from mechattr.finetune import Checkpoint, Delta, Evaluate, LoRA, RandomSites, TopSites, TrainConfig, compare, train
+from mechattr.finetune import Checkpoint, Delta, Evaluate, TopSites, TrainConfig, train
+from mechattr.finetune.budgets import BudgetPlan, budget_curves, matched_neurons
 from mechattr.finetune.evaluation import task_scores
-from mechattr.models import load_model
+from mechattr.finetune.export import DELTA_FILE as DELTA_EXPORT, INFO_FILE, export
+from mechattr.models import checkpoint_of, load_model
 from mechattr.patching import patch
 from mechattr.selection import select
 from mechattr.sites import grid
 from mechattr.stats import summarize
 from mechattr.storage import write_text
+from mechattr.tasks import ioi
+from mechattr.tasks.registry import train_heldout
 
 __all__ = ["run", "effects_summary"]
 
@@ -141,23 +150,47 @@ def _train_config(config: RunConfig) -> TrainConfig:
     return TrainConfig(lr=config.lr, steps=config.steps, batch_size=config.batch_size, seed=config.seeds[0])
 
 
-def _finetune(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
-    config = run.config
-    exact, estimate = run.effects("sites_exact"), run.effects("sites_atp")
-    methods = [TopSites(exact, k=config.top_k), RandomSites(estimate), LoRA()]
-    table = compare(lambda: load_model(config.model), run.task("train"), run.task("heldout"), methods,
-                    _train_config(config), config.seeds, progress=run.progress)
-    write_text(run.out / "finetune" / "comparison.md", table.to_markdown() + "\n")
-    write_text(run.out / "finetune" / "comparison.json", table.to_json() + "\n")
-    accuracy = {(r["method"], r["seed"]): r["heldout_accuracy"] for r in table.rows}
-    reference = table.meta["reference"]
-    per_method = {m.label: [accuracy[(m.label, seed)] for seed in config.seeds] for m in methods}
-    # Paired by seed: both methods saw the same batches.
-    versus = {m: _summary([a - b for a, b in zip(per_method[reference], v)]) for m, v in per_method.items()
-              if m != reference}
-    return ({"base": table.base, "summary": table.summary(), "rows": list(table.rows), "reference": reference,
-             "heldout_accuracy": {m: _summary(v) for m, v in per_method.items()}, "reference_minus": versus},
-            ["finetune/comparison.md", "finetune/comparison.json"])
+def _curve_split(run: RunDirectory, name: str) -> tuple[Any, Any]:
+    train_task, heldout = train_heldout(run.base, name, n=0, seed=run.config.seed, heldout=0.5)
+    cap = run.config.curve_heldout
+    return train_task, heldout if cap is None else heldout.subset(slice(0, cap))
+
+
+def _curves(run: RunDirectory, name: str) -> tuple[dict[str, Any], list[str]]:
+    config, model = run.config, run.base
+    train_task, heldout = _curve_split(run, name)
+    ranked = train_task.subset(slice(0, config.curve_rank_examples))
+    heads = grid(model, "z")
+    rankings = {"head": {"exact": patch(model, ranked, heads, progress=run.progress),
+                         "atp": attribute(model, ranked, heads, "atp")}}
+    neurons: tuple[int, ...] = ()
+    if config.curve_neurons:
+        estimate = attribute(model, ranked, grid(model, "neuron"), "atp")
+        neurons = matched_neurons(model, rankings["head"]["exact"], estimate, config.curve_heads)
+        # Exact patching of every neuron is ~46k cells; its top estimates are verified instead, twice
+        # as many as the largest budget, so the exact ranking chooses among them.
+        shortlist = [site for site, _ in estimate.top(2 * max(neurons))]
+        rankings["neuron"] = {"exact": patch(model, ranked, shortlist, progress=run.progress), "atp": estimate}
+    files = []
+    for kind, pair in rankings.items():
+        for ranking, effects in pair.items():
+            files += run.save_effects(f"curves_{name}_{kind}_{ranking}", [effects], task=train_task.name)
+    others = [_curve_split(run, other)[1].subset(slice(0, 100)) for other in config.curve_tasks if other != name]
+    others.append(ioi(model, n=64, seed=config.seed))
+    plan = BudgetPlan(heads=config.curve_heads, neurons=neurons if config.curve_neurons else (),
+                      seeds=config.curve_seeds, draws=config.curve_draws, baselines=config.curve_baselines,
+                      config=TrainConfig(lr=config.lr, steps=config.curve_steps, batch_size=config.batch_size))
+    curves = budget_curves(lambda: load_model(config.model), train_task, heldout, rankings, plan, others=others,
+                           progress=run.progress)
+    curves.save(run.out / "curves" / name)
+    return ({"task": name, "meta": curves.meta, "base": curves.base, "summary": curves.summary(),
+             "verdicts": curves.verdicts(), "n_train": train_task.n_examples, "n_heldout": heldout.n_examples,
+             "n_rank": ranked.n_examples,
+             "n_neuron_shortlist": len(rankings["neuron"]["exact"].sites) if "neuron" in rankings else 0,
+             "clean_prompt": model.tokenizer.decode(train_task.clean[0, 1:]),
+             "answer": model.tokenizer.decode(train_task.answer[:1]),
+             "wrong": model.tokenizer.decode(train_task.wrong[:1])},
+            files + [f"curves/{name}/curves.json", f"curves/{name}/curves.md"])
 
 
 def _delta(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
@@ -175,6 +208,31 @@ def _delta(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     return {"seed": config.seeds[0], "n_trained": result.n_trained, "losses": list(result.losses),
             "sites": [str(s) for s in setup.sites], "history": [[step, s] for step, s in history.history],
             "heldout": task_scores(model, run.task("heldout"))}, [DELTA_FILE]
+
+
+def _export(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
+    """The delta stage's run again on the checkpoint's own weights (compatibility mode folds LayerNorm into
+    them), exported as a Hugging Face folder, then loaded back with plain `transformers`."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = run.config
+    model = load_model(config.model, compatibility=False)
+    setup = TopSites(run.effects("sites_exact"), k=config.top_k).build(model, config.seeds[0], None)
+    result = train(setup.model, setup.masks, run.task("train"), _train_config(config), progress=run.progress,
+                   sites=setup.sites, base_model=config.model)
+    folder = export(model, run.out / EXPORT_DIR, delta=result.delta)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    heldout = run.task("heldout")
+    with torch.no_grad():
+        gap = float((model(heldout.clean)[:, -1] - loaded(heldout.clean).logits[:, -1]).abs().max())
+    original = load_file(str(Path(checkpoint_of(config.model)) / "model.safetensors"))
+    exported = load_file(str(folder / "model.safetensors"))
+    changed = sum(int((exported[k] != v).sum()) for k, v in original.items() if k in exported)
+    return {"folder": EXPORT_DIR, "coordinates": result.delta.coordinates, "n_trained": result.n_trained,
+            "entries_changed": changed, "max_logit_gap": gap, "heldout": task_scores(loaded, heldout),
+            "sites": [str(s) for s in setup.sites]}, \
+        [f"{EXPORT_DIR}/{f}" for f in ("config.json", "model.safetensors", DELTA_EXPORT, INFO_FILE)]
 
 
 def _heldout(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
@@ -225,8 +283,9 @@ def _run_all(config: RunConfig, out: Path, progress: bool, model: Any | None) ->
                                                        lambda n=network: _table(r, r.base, n, "before"))
     metrics["knowledge"]["before"] = r.stage("knowledge_before", lambda: _knowledge(r, r.base, "before"))
     metrics["sites"] = r.stage("sites", lambda: _sites(r))
-    metrics["finetune"] = r.stage("finetune", lambda: _finetune(r))
+    metrics["curves"] = {name: r.stage(f"curves_{name}", lambda n=name: _curves(r, n)) for name in config.curve_tasks}
     metrics["delta"] = r.stage("delta", lambda: _delta(r))
+    metrics["export"] = r.stage("export", lambda: _export(r))
     metrics["heldout"] = r.stage("heldout", lambda: _heldout(r))
     metrics["knowledge"]["after"] = r.stage("knowledge_after", lambda: _knowledge(r, r.tuned, "after"))
     for network in config.reattribute:

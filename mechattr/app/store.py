@@ -23,10 +23,11 @@ from mechattr.models import load_model
 from mechattr.storage import write_text
 from mechattr.tasks import Task, cause_effect
 
-__all__ = ["STAGE_DIR", "DELTA_FILE", "EFFECTS_DIR", "jsonable", "write_json", "RunDirectory"]
+__all__ = ["STAGE_DIR", "DELTA_FILE", "EXPORT_DIR", "EFFECTS_DIR", "jsonable", "write_json", "RunDirectory"]
 
 STAGE_DIR = "stages"  # stage records, relative to the run directory
 DELTA_FILE = "delta.safetensors"  # the precision delta of the first seed
+EXPORT_DIR = "export"  # that run on the checkpoint's weights, as a Hugging Face model folder
 EFFECTS_DIR = "effects"  # saved effects, one directory each
 
 

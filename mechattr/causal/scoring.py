@@ -36,7 +36,7 @@ YES, NO = " Yes", " No"
 def _extend(model: Any, cache: Any, tokens: Tensor) -> Any:
     """A copy of `cache` extended by `tokens` [1, n] (the original is left as it was)."""
     cache = copy.deepcopy(cache)
-    model(tokens, past_key_values=cache, logits_to_keep=1)
+    model(tokens, cache=cache, logits_to_keep=1)
     return cache
 
 
@@ -54,7 +54,7 @@ def _last_logits(model: Any, prefix: Tensor, cache: Any | None, endings: list[Te
         cache = copy.deepcopy(cache)  # the model extends the cache it is given
         cache.batch_repeat_interleave(len(endings))
     keep = last.unique()  # sorted
-    logits = model(batch, past_key_values=cache, logits_to_keep=keep)  # (B, len(keep), vocab)
+    logits = model(batch, cache=cache, logits_to_keep=keep)  # (B, len(keep), vocab)
     return logits[torch.arange(len(endings)), torch.searchsorted(keep, last)]
 
 

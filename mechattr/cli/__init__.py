@@ -6,6 +6,7 @@
     mechattr verify     exact patching of an estimate's top sites and a sample of the rest
     mechattr discover   a circuit and its faithfulness curve
     mechattr finetune   precision fine-tuning of the top sites, with --compare against baselines
+    mechattr export     a delta trained in checkpoint coordinates as a Hugging Face model folder
 
 The task commands take --device and --dtype for the model. Choices and their help are read from the
 library's registries (`tasks.TASKS`, `interventions.INTERVENTIONS`, `attribution.METHODS`, ...).
@@ -15,12 +16,15 @@ file) as one paragraph on stderr and exit status 2, never a traceback (MECHATTR_
 """
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, Iterator, Sequence
 
-from mechattr.cli import circuits, finetune, grids, run as run_command
-from mechattr.cli.common import UsageError
+from mechattr.cli import circuits, export, finetune, grids, run as run_command
+from mechattr.cli.common import HelpFormatter, UsageError
 
 __all__ = ["main"]
 
@@ -32,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mechattr", description="Causal attribution for transformers.")
     parser.add_argument("--version", action="version", version=f"mechattr {mechattr.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for module in (run_command, grids, circuits, finetune):
+    # Every subcommand's --help shows the defaults.
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
+    for module in (run_command, grids, circuits, finetune, export):
         module.add(sub)
     return parser
 
@@ -46,6 +52,24 @@ def _bad_input_types() -> tuple[type, ...]:
     return (UsageError, ValueError, KeyError, OSError, ModelNotAvailable, TaskError)
 
 
+@contextlib.contextmanager
+def _third_party_quiet() -> Iterator[None]:
+    """Hide the deprecation notices of the libraries underneath (transformers, TransformerLens, torch),
+    which name calls the user did not write; mechattr's own warnings still show."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers logs some deprecations instead of warning
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category)
+                warnings.filterwarnings("default", category=category, module="mechattr")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0, or 2 for bad input, usage errors included)."""
     try:
@@ -54,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else EXIT_BAD_INPUT
     run: Callable[[argparse.Namespace], None] = args.run
     try:
-        run(args)
+        with _third_party_quiet():
+            run(args)
     except _bad_input_types() as error:
         if os.environ.get("MECHATTR_DEBUG"):
             raise

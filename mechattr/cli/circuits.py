@@ -1,10 +1,12 @@
 """`mechattr verify` (estimate, then check by exact patching) and `mechattr discover` (circuits)."""
 
 import argparse
+import math
+from dataclasses import asdict
 from pathlib import Path
 
-from mechattr.cli.common import (UsageError, add_task_args, check_choice, choices_help, effects_from, load, positive,
-                                 task_defaults)
+from mechattr.cli.common import (UsageError, add_task_args, check_choice, choices_help, default, effects_from, load,
+                                 positive, task_defaults)
 
 __all__ = ["add"]
 
@@ -18,26 +20,39 @@ def _ablations() -> list[str]:
 
 def add(sub: argparse._SubParsersAction) -> None:
     from mechattr.attribution import METHODS
-    from mechattr.circuits import LEVELS
+    from mechattr.circuits import LEVELS, discover
+    from mechattr.verification import verify
 
-    v = sub.add_parser("verify", help="exact patching of an estimate's top sites and a random sample of the rest")
+    v = sub.add_parser("verify", help="exact patching of an estimate's top sites and a stratified sample of the rest: "
+                                      "how many important sites it missed, and where it is most wrong")
     v.add_argument("--effects", required=True, help="directory (or its effects.safetensors) written by attribute")
     v.add_argument("--kind", default=None, help="which saved grid to verify (default: the only one)")
     add_task_args(v, defaults=False)
-    v.add_argument("--top", type=int, default=20, help="sites with the largest |estimate| to check")
-    v.add_argument("--sample", type=int, default=20, help="random sites from the rest to check")
-    v.add_argument("--threshold", type=float, default=0.1, help="|effect| / |clean - corrupt| that counts as important")
+    v.add_argument("--top", type=int, default=default(verify, "top"), help="sites with the largest |estimate| to check")
+    v.add_argument("--sample", type=int, default=default(verify, "sample"),
+                   help="sites drawn from the rest (below the top) to check")
+    v.add_argument("--strata", type=int, default=default(verify, "strata"),
+                   help="strata of estimated rank the sample is spread over (sizes growing geometrically)")
+    v.add_argument("--sample-seed", type=int, default=default(verify, "seed"), help="seed of the sample")
+    v.add_argument("--threshold", type=float, default=default(verify, "threshold"),
+                   help="|exact effect| / |clean - corrupt| above which a site counts as important")
+    v.add_argument("--level", type=float, default=default(verify, "level"), help="coverage of the interval")
     v.add_argument("--out", required=True, help="output directory")
     v.set_defaults(run=cmd_verify)
 
     d = sub.add_parser("discover", help="a circuit: rank by attribution, prune by exact patching")
     add_task_args(d)
-    d.add_argument("--level", default=LEVELS[0], help=choices_help(LEVELS, "what a circuit is made of"))
-    d.add_argument("--method", default="atp", help=choices_help(METHODS, "attribution used to rank"))
-    d.add_argument("--ablation", default="noise", help=choices_help(_ablations(), "what ablated components get"))
-    d.add_argument("--target", type=float, default=0.8, help="faithfulness the circuit must keep")
-    d.add_argument("--threshold", type=float, default=0.01, help="pruning threshold, a fraction of the gap")
-    d.add_argument("--points", type=int, default=24, help="points on the faithfulness curve")
+    d.add_argument("--level", default=default(discover, "level"),
+                   help=choices_help(LEVELS, "what a circuit is made of"))
+    d.add_argument("--method", default=default(discover, "method"),
+                   help=choices_help(METHODS, "attribution used to rank"))
+    d.add_argument("--ablation", default=default(discover, "ablation").name,
+                   help=choices_help(_ablations(), "what ablated components get"))
+    d.add_argument("--target", type=float, default=default(discover, "target"),
+                   help="faithfulness the circuit must keep")
+    d.add_argument("--threshold", type=float, default=default(discover, "threshold"),
+                   help="pruning threshold, a fraction of the gap")
+    d.add_argument("--points", type=int, default=default(discover, "points"), help="points on the faithfulness curve")
     d.add_argument("--no-prune", action="store_true", help="keep the smallest prefix reaching the target")
     d.add_argument("--out", required=True, help="output directory")
     d.set_defaults(run=cmd_discover)
@@ -49,9 +64,11 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from mechattr.plots.estimates import plot_estimate_vs_exact
     from mechattr.storage import write_json
 
-    positive("--top", args.top)
-    if args.sample < 0:
-        raise UsageError(f"--sample must be >= 0, got {args.sample}")
+    if args.top < 0 or args.sample < 0 or args.top + args.sample == 0:
+        raise UsageError(f"--top and --sample must be >= 0 and not both 0, got {args.top} and {args.sample}")
+    positive("--strata", args.strata)
+    if not 0 < args.level < 1:
+        raise UsageError(f"--level must be between 0 and 1, got {args.level}")
     saved = effects_from(args.effects, args.kind)
     if len(saved) > 1:
         raise UsageError(f"{args.effects} holds {len(saved)} grids ({', '.join(e.kind for e in saved)}); "
@@ -62,20 +79,29 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if task.n_examples != estimate.n_examples:
         raise UsageError(f"the estimate has {estimate.n_examples} examples but task {task.name!r} has "
                          f"{task.n_examples}; pass the --task/--n/--seed it was computed with")
-    checked = mechattr.verify(model, task, estimate, top=args.top, sample=args.sample, threshold=args.threshold)
+    checked = mechattr.verify(model, task, estimate, top=args.top, sample=args.sample, seed=args.sample_seed,
+                              strata=args.strata, threshold=args.threshold, level=args.level)
     out = Path(args.out)
     mechattr.save_effects(out / "exact", [checked.exact], model=args.model, task=task.name)
-    summary = {"kind": estimate.kind, "method": estimate.method, "spearman": checked.spearman,
-               "n_top": checked.n_top, "n_sample": len(checked.checked) - checked.n_top, "n_rest": checked.n_rest,
-               "threshold": checked.threshold, "important_top": checked.important_top,
-               "important_sample": checked.important_sample, "missed": checked.missed,
-               "missed_ci": list(checked.missed_ci), "sites": [str(s) for s in checked.checked],
+    missed = None if math.isnan(checked.missed) else checked.missed  # JSON has no NaN
+    summary = {"kind": estimate.kind, "method": estimate.method, "missed": missed,
+               "missed_ci": list(checked.missed_ci), "level": checked.level, "n_checked": len(checked.checked),
+               "n_sites": len(estimate.sites), "n_top": checked.n_top,
+               "n_sample": len(checked.checked) - checked.n_top, "n_rest": checked.n_rest,
+               "strata": [asdict(s) for s in checked.strata], "threshold": checked.threshold,
+               "important_top": checked.important_top, "important_sample": checked.important_sample,
+               "misses": [_site_row(*m) for m in checked.misses()],
+               "disagreements": [_site_row(*d) for d in checked.disagreements(10)],
+               "spearman": checked.spearman, "sites": [str(s) for s in checked.checked], "ranks": list(checked.ranks),
                "estimated": checked.estimated_effect.tolist(), "exact": checked.exact.effect.tolist()}
     write_json(out / "verification.json", summary, indent=1)
     plots.save(plot_estimate_vs_exact(checked).figure, out / "estimate_vs_exact.png")
-    print(f"Spearman {checked.spearman:.3f} over {len(checked.checked)} checked sites; "
-          f"estimated missed important sites {checked.missed:.1f} "
-          f"[{checked.missed_ci[0]:.1f}, {checked.missed_ci[1]:.1f}]; wrote {out}")
+    print(checked.summary())
+    print(f"wrote {out}")
+
+
+def _site_row(site, estimate: float, exact: float, rank: int) -> dict:
+    return {"site": str(site), "estimate": estimate, "exact": exact, "rank": rank + 1}
 
 
 def cmd_discover(args: argparse.Namespace) -> None:

@@ -1,10 +1,12 @@
 """What the commands share: task arguments, loading, site kinds, and writing effects with their plots."""
 
 import argparse
+import inspect
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["UsageError", "choices_help", "describe", "check_choice", "add_task_args", "add_grid_args", "positive",
+__all__ = ["UsageError", "HelpFormatter", "default", "choices_help", "describe", "check_choice", "add_task_args",
+           "add_grid_args", "positive",
            "task_of", "load_model", "load", "kinds", "layers", "grids", "is_writer", "write_effects", "effects_from",
            "task_defaults"]
 
@@ -13,6 +15,21 @@ _DEFAULT_TASK, _DEFAULT_N, _DEFAULT_METRIC = "ioi", 8, "logit_diff"
 
 class UsageError(Exception):
     """Bad input found by the command line itself."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, except where there is none to show (None, a flag left off)
+    or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def default(func: Callable, name: str) -> Any:
+    """The default of `func`'s parameter `name`: an option's default is the library's, never a copy."""
+    return inspect.signature(func).parameters[name].default
 
 
 def choices_help(entries: dict[str, Any] | Sequence[str], what: str) -> str:
@@ -34,27 +51,30 @@ def add_task_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     from mechattr.tasks import METRICS, TASKS
 
     d = (lambda value: value) if defaults else (lambda value: None)
+    saved = "" if defaults else " (default: as recorded with the saved effects)"
     p.add_argument("--model", default=d(DEFAULT_MODEL),
-                   help=f"{DEFAULT_MODEL} (offline), a Hugging Face id, a .gguf file or a directory")
+                   help=f"{DEFAULT_MODEL} (offline), a Hugging Face id, a .gguf file or a directory{saved}")
     p.add_argument("--task", default=d(_DEFAULT_TASK),
                    help="; ".join(f"{name}: {entry.help}" for name, entry in TASKS.items())
-                   + "; or a .jsonl file of {clean, corrupt, answer, wrong}")
+                   + f"; or a .jsonl file of {{clean, corrupt, answer, wrong}}{saved}")
     p.add_argument("--n", "--examples", dest="n", type=int, default=d(_DEFAULT_N),
-                   help="examples for built-in tasks (under torchrun write --examples: it takes --n as its own)")
-    p.add_argument("--seed", type=int, default=d(0), help="seed for built-in tasks")
-    p.add_argument("--metric", default=d(_DEFAULT_METRIC), help=describe(METRICS))
+                   help="examples for built-in tasks (under torchrun write --examples: it takes --n as its own)"
+                   + saved)
+    p.add_argument("--seed", type=int, default=d(0), help=f"seed for built-in tasks{saved}")
+    p.add_argument("--metric", default=d(_DEFAULT_METRIC), help=describe(METRICS) + saved)
     p.add_argument("--device", default=None, help="where the model runs, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default=None, help="weight dtype, e.g. float32, bfloat16, float16 (default: float32)")
 
 
 def add_grid_args(p: argparse.ArgumentParser) -> None:
     from mechattr.interventions import INTERVENTIONS
+    from mechattr.patching import patch
     from mechattr.sites import KINDS
 
     usable = {name: cls for name, cls in INTERVENTIONS.items() if cls.by_name_ok}
     p.add_argument("--sites", default="resid_pre,attn_out,mlp_out,z",
                    help=f"comma-separated site kinds, of: {', '.join(KINDS)}")
-    p.add_argument("--intervention", default="denoise",
+    p.add_argument("--intervention", default=default(patch, "intervention").name,
                    help=choices_help(usable, "what a patched site is set to (see mechattr.interventions)"))
     p.add_argument("--per-position", action="store_true", help="head kinds get a position axis too")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
@@ -120,7 +140,7 @@ def grids(model: Any, task: Any, args: argparse.Namespace) -> list:
     """The full grid of every kind in --sites, restricted to --layers."""
     import mechattr
 
-    return [mechattr.grid(model, kind, task.n_pos, per_position=args.per_position or None,
+    return [mechattr.grid(model, kind, task.positions, per_position=args.per_position or None,
                           layers=layers(args.layers)) for kind in kinds(args.sites)]
 
 

@@ -7,8 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mechattr.cli.common import (UsageError, add_task_args, check_choice, choices_help, effects_from, load_model,
-                                 positive, task_defaults, task_of)
+from mechattr.cli.common import (UsageError, add_task_args, check_choice, choices_help, default, effects_from,
+                                 load_model, positive, task_defaults, task_of)
 
 __all__ = ["add"]
 
@@ -21,23 +21,30 @@ def _baselines() -> list[str]:
 
 
 def add(sub: argparse._SubParsersAction) -> None:
+    from mechattr.finetune import TrainConfig
     from mechattr.finetune.data import LOSSES
     from mechattr.finetune.masks import KV_MODES
+    from mechattr.selection import select
 
     f = sub.add_parser("finetune", help="train only the parameters of the top sites of saved effects")
     f.add_argument("--sites-from", required=True, help="effects directory (or its effects.safetensors)")
     f.add_argument("--kinds", default=None, help="which saved grids to select from (default: all)")
     f.add_argument("--top-k", type=int, required=True, help="sites to train, by |effect|")
-    f.add_argument("--significant-only", action="store_true", help="only BH-significant cells are eligible")
+    f.add_argument("--significant-only", action=argparse.BooleanOptionalAction,
+                   default=default(select, "significant_only"),
+                   help="only cells significant after Benjamini-Hochberg correction are eligible (the sites "
+                        "trained and any larger ones this leaves out are printed)")
     f.add_argument("--kv", default=KV_MODES[0], help=choices_help(KV_MODES, "GQA key/value groups")
                    + " (any: a group trains when any of its heads is selected)")
     add_task_args(f, defaults=False)
     f.add_argument("--heldout", type=float, default=0.3, help="share of the examples (pairs) held out")
-    f.add_argument("--steps", type=int, default=100)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--batch-size", type=int, default=8)
-    f.add_argument("--weight-decay", type=float, default=0.0)
-    f.add_argument("--loss", default="ce", help="; ".join(f"{name}: {what}" for name, what in LOSSES.items()))
+    f.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
+    f.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate")
+    f.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="examples per step")
+    f.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                   help="decay of the delta, toward the base model's weights")
+    f.add_argument("--loss", default=TrainConfig.loss,
+                   help="; ".join(f"{name}: {what}" for name, what in LOSSES.items()))
     f.add_argument("--compare", action="store_true", help="also run the baselines; writes comparison.md/.json")
     f.add_argument("--seeds", default="0,1,2", help="seeds for --compare")
     f.add_argument("--baselines", default=",".join(_baselines()),
@@ -45,6 +52,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--estimate-from", default=None,
                    help="with --compare: an attribution estimate's effects, for precision from attribution")
     f.add_argument("--out", required=True, help="output directory")
+    f.add_argument("--export", default=None, metavar="DIR",
+                   help="also write the fine-tuned model as a Hugging Face model folder; trains on the checkpoint's "
+                        "own weights (no compatibility mode), see docs/export.md")
     f.set_defaults(run=cmd_finetune)
 
 
@@ -70,6 +80,8 @@ def _check(args: argparse.Namespace) -> None:
     check_choice("--loss", args.loss, LOSSES)
     if args.estimate_from and not args.compare:
         raise UsageError("--estimate-from only applies with --compare")
+    if args.export is not None and Path(args.export).resolve() == Path(args.out).resolve():
+        raise UsageError(f"--export {args.export} must be another directory than --out")
     for name in _names(args.baselines):
         check_choice("baseline", name, _baselines())
 
@@ -88,6 +100,13 @@ def _seeds(spec: str) -> list[int]:
     return seeds
 
 
+def _model(args: argparse.Namespace) -> Any:
+    """The model to fine-tune: with --export, the checkpoint's own weights (no compatibility mode)."""
+    import mechattr
+
+    return mechattr.load_model(args.model, device=args.device, dtype=args.dtype, compatibility=args.export is None)
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from mechattr import plots
     from mechattr.finetune import Checkpoint, Text, TopSites, TrainConfig, train
@@ -101,7 +120,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     seeds = _seeds(args.seeds) if args.compare else []
     effects = effects_from(args.sites_from, args.kinds)
     task_defaults(args, effects[0].meta, ("model", "task", "n", "seed", "metric"))
-    base = load_model(args)
+    base = _model(args)
     train_task, heldout = split(base, args)
     config = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                          weight_decay=args.weight_decay, loss=args.loss, seed=args.seed)
@@ -112,7 +131,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    setup = precision.build(load_model(args), args.seed, None)
+    if args.export is not None:
+        print("training on the checkpoint's own weights (no compatibility mode), so that --export can save them")
+    setup = precision.build(_model(args), args.seed, None)
+    print(f"training {setup.sites.describe()}")
     checkpoint = out / "checkpoint.pt"  # a rerun of an interrupted command continues from here
     with PeakMemory() as memory:
         result = train(setup.model, setup.masks, train_task, config, [Checkpoint(checkpoint, every=10)],
@@ -122,7 +144,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in base.parameters())
     metrics = {"task": train_task.name, "heldout_task": heldout.name, "model": args.model,
                "sites": [str(s) for s in setup.sites], "n_trained": result.n_trained,
-               "trained_fraction": result.n_trained / n_params, "config": asdict(config),
+               "coordinates": result.delta.coordinates, "trained_fraction": result.n_trained / n_params,
+               "config": asdict(config),
                "base": evaluation.base, "trained": evaluation(setup.model, train_task), "wall_s": result.wall_s,
                "peak_mb": memory.peak_bytes / 2**20 if memory.peak_bytes is not None else None,
                "losses": list(result.losses)}
@@ -132,6 +155,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"trained {result.n_trained:,} entries ({100 * metrics['trained_fraction']:.3f}% of the model); "
           f"held-out accuracy {evaluation.base['heldout_accuracy']:.3f} -> {metrics['trained']['heldout_accuracy']:.3f}; "
           f"wrote {out}")
+    if args.export is not None:
+        from mechattr.finetune.export import export
+
+        print(f"exported the fine-tuned model to {export(setup.model, args.export, result.delta, args.model)}")
     if args.compare:
         _compare(args, out, effects, precision, (train_task, heldout, other, text), config, seeds)
 

@@ -8,19 +8,25 @@ __all__ = ["add"]
 
 
 def add(sub: argparse._SubParsersAction) -> None:
+    from mechattr.app import RunConfig
+
     r = sub.add_parser("run", help="the main job: knowledge-vs-data attribution, precision fine-tuning of the "
                                    "top sites, re-attribution, report.md")
-    r.add_argument("--model", default="smollm2-135m", help="smollm2-135m (offline), a Hugging Face id or a directory")
+    r.add_argument("--model", default=RunConfig.model, help="smollm2-135m (offline), a Hugging Face id or a directory")
     r.add_argument("--name", default="main", help="the run's name: it writes runs/<name>/")
     r.add_argument("--out", default=None, help="output directory (overrides --name)")
-    r.add_argument("--quick", action="store_true", help="a small configuration: minutes, for a smoke test")
+    size = r.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small configuration: minutes, for a smoke test")
+    size.add_argument("--full", action="store_true", help="every budget curve: 1-16 heads and matched neurons, "
+                                                          "both generated tasks, every baseline (hours on a CPU)")
     r.set_defaults(run=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from mechattr.app import RunConfig, run
 
-    config = RunConfig.quick(model=args.model) if args.quick else RunConfig(model=args.model)
+    make = RunConfig.quick if args.quick else RunConfig.full if args.full else RunConfig
+    config = make(model=args.model)
     out = Path(args.out or Path("runs") / args.name)
     start = time.time()
     run(config, out)

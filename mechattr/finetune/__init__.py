@@ -6,10 +6,12 @@
     result.delta.save("delta.safetensors")                         # indices + values only
     Delta.load("delta.safetensors").apply(mechattr.load_model(name))
 
-Coordinates: `mechattr.load_model` returns a bridge in compatibility mode, whose weights are the
-checkpoint's with LayerNorm folded in and the unembedding centred. Training happens on those weights,
-so a delta applies to a model loaded the same way (`mechattr.load_model(name)`), not to the original
-checkpoint; `Delta.apply` checks this.
+Coordinates: `mechattr.load_model(name)` returns a bridge in compatibility mode, whose weights are the
+checkpoint's with LayerNorm folded in and the unembedding centred; a delta trained there applies to a
+model loaded the same way, not to the original checkpoint. To fine-tune a model that leaves mechattr,
+train `mechattr.load_model(name, compatibility=False)` (the checkpoint's own weights, same hooks and
+masks) and export it (`mechattr.finetune.export`: a Hugging Face folder and a delta keyed by Hugging Face
+names). Each delta records its coordinates, and `Delta.apply` checks that the model fits.
 """
 
 from mechattr.finetune.callbacks import Checkpoint, Evaluate

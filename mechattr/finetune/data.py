@@ -1,4 +1,4 @@
-"""Training data and losses: a `Task` (answer token at the last position) or plain `Text` (LM loss).
+"""Training data and losses: a `Task` (answer token at each example's last position) or plain `Text` (LM loss).
 
 Batches are a pure function of (seed, step), so a run resumed from a checkpoint sees the same batches
 as an uninterrupted one without saving any random state.
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechattr.forward import at_last
 from mechattr.tasks import Task
 
 __all__ = ["Text", "Data", "LOSSES", "logits_of", "batch_indices", "loss"]
@@ -65,14 +66,15 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Int[Tensor, 
 
 def loss(model: Any, data: Data, index: Int[Tensor, " batch"], kind: str = "ce") -> Float[Tensor, ""]:
     """Mean training loss of examples `index`: for a Task, `kind` "ce" (cross-entropy of the answer at
-    the last position) or "logit_diff" (minus answer-minus-wrong logit); for Text, next-token loss."""
+    each example's last token) or "logit_diff" (minus answer-minus-wrong logit); for Text, next-token loss."""
     if isinstance(data, Text):
         tokens = data.tokens[index]
         logits = logits_of(model, tokens)  # (B, P, vocab)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
     if kind not in LOSSES:
         raise ValueError(f"unknown task loss {kind!r}; valid: {', '.join(LOSSES)}")
-    last = logits_of(model, data.clean[index])[:, -1].float()  # (B, vocab)
+    ends = None if data.last is None else data.last[index]  # each example's last token (prompts may differ)
+    last = at_last(logits_of(model, data.clean[index]), ends).float()  # (B, vocab)
     answer, wrong = data.answer[index], data.wrong[index]
     if kind == "ce":
         return F.cross_entropy(last, answer)

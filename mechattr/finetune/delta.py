@@ -1,13 +1,33 @@
 """Deltas: the trained entries of a fine-tuned model, saved as indices and values.
 
-Coordinates: a delta holds (trained - base) for entries of the parameters of `mechattr.load_model(
-base_model)`, a TransformerBridge in compatibility mode. Compatibility mode folds LayerNorm into the
-weights and centres the unembedding in place, so those weights differ from the original checkpoint's
-and a delta applies only to a model loaded the same way. `apply` checks this: each delta carries the
-base values of a few of its entries ("probes") and refuses a model whose values there differ.
+Coordinates: a delta holds (trained - base) for entries of the parameters of the model it was trained
+on, and records which weights those are (`coordinates`):
+- `COMPAT`: a bridge in compatibility mode (`mechattr.load_model(name)`). Compatibility mode folds
+  LayerNorm into the weights and centres the unembedding in place, so those weights are not the
+  original checkpoint's and the delta applies only to a model loaded the same way.
+- `CHECKPOINT`: the checkpoint's own weights (`mechattr.load_model(name, compatibility=False)`, or a
+  plain Hugging Face model). The delta applies to the raw bridge and to the plain `transformers` model
+  alike: `apply` matches a parameter by its bridge name or by its Hugging Face name (the bridge's with
+  every `._original_component.` removed).
+`apply` checks the base: each delta carries the base values of a few of its entries ("probes") and
+refuses a model whose values there differ.
 
 The trainer writes base + delta into the weights, so applying a saved delta (scale 1) to a fresh copy
 of the base model reproduces the trained weights bit for bit.
+
+File format (`save`): one safetensors file with, per parameter NAME, `NAME::values` (the delta of each
+trained entry), `NAME::indices` (int64 flat C-order indices of those entries; absent when every entry
+is trained, in order) and `NAME::probe_index` / `NAME::probe_value`; its metadata key "mechattr" holds
+JSON {format, base_model, coordinates, shapes, sites}. Applying it needs only torch and safetensors:
+
+    tensors = safetensors.torch.load_file(path)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, values in tensors.items():
+            if key.endswith("::values"):
+                name = key.removesuffix("::values")
+                flat, index = params[name].data.view(-1), tensors.get(name + "::indices")
+                flat.copy_(flat + values) if index is None else flat.index_copy_(0, index, flat[index] + values)
 """
 
 import json
@@ -22,11 +42,28 @@ from torch import Tensor
 from mechattr.selection import SiteSet
 from mechattr.storage import write_safetensors
 
-__all__ = ["Delta", "merge", "COMPAT"]
+__all__ = ["Delta", "merge", "COMPAT", "CHECKPOINT", "COORDINATES", "coordinates_of", "hf_name"]
 
 COMPAT = "transformer_bridge_compat"  # weights as `mechattr.load_model` returns them (compatibility mode)
+CHECKPOINT = "checkpoint"  # the checkpoint's own weights: a raw bridge or a plain Hugging Face model
+# What a delta of each coordinates tag applies to, for messages (formatted with the base model's name).
+COORDINATES = {COMPAT: "mechattr.load_model({name!r}) (compatibility-mode weights, not the original checkpoint)",
+               CHECKPOINT: "the original checkpoint (mechattr.load_model({name!r}, compatibility=False), or the "
+                           "plain Hugging Face model)"}
+_WRAP = "._original_component."
 _FORMAT = "mechattr.delta/1"
 _N_PROBES = 8
+
+
+def hf_name(name: str) -> str:
+    """A bridge parameter name as the wrapped Hugging Face model names it (wrappers removed)."""
+    return name.replace(_WRAP, ".")
+
+
+def coordinates_of(model: Any) -> str:
+    """`COMPAT` for a bridge in compatibility mode (TransformerLens sets `compatibility_mode`), else
+    `CHECKPOINT` (a raw bridge, or a Hugging Face model as it was given)."""
+    return COMPAT if getattr(model, "compatibility_mode", False) else CHECKPOINT
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,8 +84,9 @@ class Delta:
 
     def apply(self, model: Any, scale: float = 1.0, check: bool = True) -> Any:
         """Add `scale` x delta to `model`'s weights in place and return it. With `check`, first verify
-        that the model's base values at the probe entries are the ones the delta was trained from."""
-        params = dict(model.named_parameters())
+        that the model's base values at the probe entries are the ones the delta was trained from. A
+        parameter is found by its name in the delta, else by its Hugging Face name (`hf_name`)."""
+        params = self._parameters(model)
         for name in self.values:
             if name not in params:
                 raise KeyError(f"delta parameter {name!r} is not in the model (a different architecture?); "
@@ -70,6 +108,13 @@ class Delta:
                     flat.index_copy_(0, index, flat[index] + scale * values)
         return model
 
+    def _parameters(self, model: Any) -> dict[str, Tensor]:
+        """The model's parameters under the delta's names, where either spelling finds them."""
+        params = dict(model.named_parameters())
+        # remove_duplicate=False: a tied weight answers to both its names (embedding and unembedding).
+        plain = {hf_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
+        return {**params, **{n: plain[hf_name(n)] for n in self.values if n not in params and hf_name(n) in plain}}
+
     def _check_probes(self, params: dict[str, Tensor]) -> None:
         for name, (index, expected) in self.probes.items():
             actual = params[name].detach().view(-1)[index.to(params[name].device)].cpu()
@@ -77,8 +122,13 @@ class Delta:
                 raise ValueError(
                     f"delta for {self.base_model!r} ({self.coordinates}) does not fit this model: parameter "
                     f"{name!r} holds {actual.tolist()} at the probed entries, the delta was trained from "
-                    f"{expected.tolist()}. Apply it to mechattr.load_model({self.base_model!r}) (compatibility-"
-                    "mode weights, not the original checkpoint) before any other change, or pass check=False.")
+                    f"{expected.tolist()}. Apply it to {self.applies_to()} before any other change, or pass "
+                    "check=False.")
+
+    def applies_to(self) -> str:
+        """The model this delta applies to, in words."""
+        return COORDINATES.get(self.coordinates, f"{self.base_model!r} in coordinates {self.coordinates!r}").format(
+            name=self.base_model)
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file: `<param>::values`, `<param>::indices` (sparse ones), probes; the

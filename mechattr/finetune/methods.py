@@ -135,7 +135,8 @@ class RandomSites(Method):
 
 def plain_model(bridge: Any) -> Any:
     """A copy of the model the bridge wraps, with every bridge wrapper removed: plain Hugging Face modules
-    holding the bridge's (compatibility-mode) weights, so it computes the same logits without hooks."""
+    holding the bridge's weights (compatibility mode's, if the bridge is in it), so it computes the same
+    logits without hooks."""
     def unwrap(module):
         for name, child in list(module.named_children()):
             while hasattr(child, "_original_component"):
@@ -145,6 +146,8 @@ def plain_model(bridge: Any) -> Any:
 
     model = copy.deepcopy(bridge.original_model)
     unwrap(model)
+    # Which weights these are: a delta trained on the copy (LoRA) records its coordinates from this.
+    model.compatibility_mode = bool(getattr(bridge, "compatibility_mode", False))
     return model
 
 

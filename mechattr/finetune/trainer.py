@@ -6,9 +6,11 @@ never written and stays bit-identical, whatever the optimizer or weight decay. T
 clipping and weight decay see only the delta: optimizer state scales with the trained entries, and
 decay pulls the trained weights toward the base model's, not toward zero.
 
-Coordinates: the trainer changes the weights of the model it is given. On a bridge from
-`mechattr.load_model(name)` (compatibility mode) the resulting `Delta` applies to a model loaded the
-same way, not to the original checkpoint (see `mechattr.finetune.delta`).
+Coordinates: the trainer changes the weights of the model it is given, and the `Delta` records which
+(`mechattr.finetune.delta.coordinates_of`). On a bridge from `mechattr.load_model(name)` (compatibility mode) it applies
+to a model loaded the same way, not to the original checkpoint; on `mechattr.load_model(name,
+compatibility=False)` it applies to the original checkpoint and can be exported
+(`mechattr.finetune.export`).
 
 The model stays in eval mode (no dropout), so a run is a deterministic function of the config's seed.
 """
@@ -24,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechattr.finetune.data import LOSSES, Data, Text, batch_indices, loss
-from mechattr.finetune.delta import COMPAT, Delta, probes_of
+from mechattr.finetune.delta import Delta, coordinates_of, probes_of
 from mechattr.runs import device_of
 from mechattr.selection import SiteSet
 from mechattr.storage import write_torch
@@ -118,7 +120,8 @@ class TrainedEntries:
             param.grad = None
         self.delta.grad = grad
 
-    def to_delta(self, sites: SiteSet, base_model: str, coordinates: str = COMPAT) -> Delta:
+    def to_delta(self, sites: SiteSet, base_model: str, coordinates: str) -> Delta:
+        """The trained entries as a `Delta` relative to the base weights, in `coordinates`."""
         values, indices, shapes, probes = {}, {}, {}, {}
         for name, param, index, offset, n in self.slots:
             values[name] = self.delta.detach()[offset: offset + n].clone()
@@ -283,5 +286,6 @@ def train(model: Any, masks: dict[str, Bool[Tensor, "..."]], data: Data, config:
     wall = time.perf_counter() - start
     if base_model is None:
         base_model = str(getattr(getattr(model, "cfg", None), "model_name", ""))
-    return FinetuneResult(delta=entries.to_delta(sites or SiteSet(), base_model), losses=tuple(state.losses),
-                          config=config, wall_s=wall, optimizer_bytes=optimizer_bytes(state.optimizer))
+    delta = entries.to_delta(sites or SiteSet(), base_model, coordinates_of(model))
+    return FinetuneResult(delta=delta, losses=tuple(state.losses), config=config, wall_s=wall,
+                          optimizer_bytes=optimizer_bytes(state.optimizer))

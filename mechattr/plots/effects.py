@@ -3,8 +3,10 @@
 Every grid is drawn as one matrix: rows are layers (layer 0 at the top; a grid without a layer axis
 is one row) and columns are the remaining axes in the grid's order. A layer x pos x head grid is not
 reduced: its columns are positions, each split into its heads, with a line between positions. The
-colour scale is diverging and symmetric about 0; cells that are not significant after
-Benjamini-Hochberg correction are faded and hatched. Figures come from pyplot, so notebooks show them
+colour scale is diverging and symmetric about 0, and every cell has exactly its value's colour on the
+colour bar; cells that are not significant after Benjamini-Hochberg correction are marked only by a
+light hatch over that colour (the legend says so). A position whose token differs between examples is
+labelled "(varies)", not with one example's token. Figures come from pyplot, so notebooks show them
 inline; nothing here opens a window or draws at random.
 """
 
@@ -32,9 +34,11 @@ VALUES = ("normalized", "effect", "values")  # what a cell can show, see `Effect
 FORMATS = (".png", ".svg", ".pdf")  # what `save` writes, chosen by the path's suffix
 DPI = 200  # raster resolution of saved PNGs
 CMAP = colormaps["RdBu_r"].with_extremes(bad="0.85")  # red = positive; NaN cells grey
-# Non-significant cells: a white veil keeps their colour readable but faint; the hatch marks them in
-# greyscale print too. With linewidth 0 the hatch takes the edge colour and no outline is drawn.
-FADE = {"facecolor": (1.0, 1.0, 1.0, 0.6), "edgecolor": "0.6", "hatch": "//", "linewidth": 0.0}
+# Non-significant cells: a sparse, thin, half-transparent hatch over an untouched face, so the colour
+# stays the colour bar's and a grid where nothing is significant (small n) stays readable. With
+# linewidth 0 the hatch takes the edge colour and no outline is drawn.
+HATCH = {"facecolor": "none", "hatch": "//", "edgecolor": (0.15, 0.15, 0.15, 0.45), "linewidth": 0.0}
+HATCH_LINEWIDTH = 0.6
 OVERLAY_GID = "not-significant"  # gid of the artist covering non-significant cells
 MAX_TOKEN_CHARS = 14  # longer tokens are cut with an ellipsis in tick labels
 
@@ -53,8 +57,11 @@ class _Matrix:
     group: int  # columns per group
 
 
-def _token_label(pos: int, token: str) -> str:
-    """`3: ' John'`: position and token, quoted so leading spaces show, control characters escaped."""
+def _token_label(pos: int, token: str, varies: bool = False) -> str:
+    """`3: ' John'`: position and token, quoted so leading spaces show, control characters escaped;
+    `3: (varies)` where examples have different tokens."""
+    if varies:
+        return f"{pos}: (varies)"
     text = token.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
     if len(text) > MAX_TOKEN_CHARS:
         text = text[: MAX_TOKEN_CHARS - 1] + "…"
@@ -64,8 +71,11 @@ def _token_label(pos: int, token: str) -> str:
 def _axis_labels(effects: Effects, axis: str, values: list) -> tuple[list[str], str]:
     if axis == "pos":
         tokens = effects.str_tokens
+        if any(isinstance(p, str) for p in values):  # named positions ("S2"): each example has its own index
+            return [str(p).replace("$", r"\$") for p in values], "named position"
         if tokens and all(p < len(tokens) for p in values):
-            return [_token_label(p, tokens[p]) for p in values], "token"
+            varying = set(effects.meta.get("varying_positions", ()))
+            return [_token_label(p, tokens[p], p in varying) for p in values], "token"
         return [str(p) for p in values], "position"
     if axis == "head":
         return [str(h) for h in values], "key/value head" if effects.kind in ("k", "v") else "head"
@@ -137,7 +147,10 @@ def _overlay_path(mask: Bool[np.ndarray, "row col"]) -> MplPath | None:
 
 def _not_significant_note(alpha: float) -> Patch:
     """Legend entry for the overlay; its outline (absent on the overlay) frames the small sample."""
-    return Patch(**{**FADE, "linewidth": 0.5}, label=f"not significant (Benjamini-Hochberg, FDR {alpha:g})")
+    note = Patch(**{**HATCH, "linewidth": 0.5, "edgecolor": "0.5"},
+                 label=f"hatched: not significant (Benjamini-Hochberg, FDR {alpha:g})")
+    note.set_hatch_linewidth(HATCH_LINEWIDTH)
+    return note
 
 
 def _rotated(m: _Matrix) -> bool:
@@ -187,7 +200,8 @@ def _draw(ax: Axes, m: _Matrix, vmax: float | None) -> AxesImage:
     if m.significant is not None:
         path = _overlay_path(~m.significant)
         if path is not None:
-            ax.add_patch(PathPatch(path, **FADE, gid=OVERLAY_GID))
+            overlay = ax.add_patch(PathPatch(path, **HATCH, gid=OVERLAY_GID))
+            overlay.set_hatch_linewidth(HATCH_LINEWIDTH)
     _ticks(ax, m)
     return image
 
@@ -227,8 +241,8 @@ def heatmap(effects: Effects, value: str = "normalized", ax: Axes | None = None,
     """Draw `effects` as a [layer, other axes] heatmap with a colour bar, on `ax` or a new figure.
 
     `value` is one of `VALUES` ("normalized" falls back to "effect", with a warning, when clean and
-    corrupted metrics are equal). Cells not significant at Benjamini-Hochberg FDR `alpha` are faded and
-    hatched (`alpha=None`: no overlay). `vmax` fixes the colour limits to [-vmax, vmax] (default: the
+    corrupted metrics are equal). Cells not significant at Benjamini-Hochberg FDR `alpha` are hatched,
+    their colour unchanged (`alpha=None`: no hatching). `vmax` fixes the colour limits to [-vmax, vmax] (default: the
     largest |value|).
     """
     m = _matrix(effects, value, alpha)

@@ -79,18 +79,20 @@ def plot_faithfulness(circuit: Circuit, ax: Any = None) -> Any:
 
 
 def plot_estimate_vs_exact(verification: Verification, ax: Any = None) -> Any:
-    """Estimated against exact effects of the checked sites (top ones and the random sample), with the
-    identity line."""
+    """Estimated against exact effects of the checked sites (top ones and the stratified sample of the
+    rest), with the identity line; the title leads with the interval on missed important sites."""
     ax = ax or plt.subplots(figsize=(5, 5))[1]
     est, exact = verification.estimated_effect, verification.exact.effect
     n_top = verification.n_top
     ax.scatter(exact[:n_top], est[:n_top], label=f"top {n_top}", color="tab:red")
-    ax.scatter(exact[n_top:], est[n_top:], label="random sample", color="tab:blue", alpha=0.7)
+    ax.scatter(exact[n_top:], est[n_top:], label="sample of the rest", color="tab:blue", alpha=0.7)
     lo = float(min(est.min(), exact.min()))
     hi = float(max(est.max(), exact.max()))
     ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", label="identity")
     ax.set_xlabel("exact effect (patching)")
     ax.set_ylabel(f"estimated effect ({verification.estimate.method})")
-    ax.set_title(f"Spearman {verification.spearman:.2f}")
+    low, high = verification.missed_ci
+    ax.set_title(f"missed important sites {low:.0f} to {high:.0f} of {verification.n_rest}; "
+                 f"Spearman {verification.spearman:.2f}", fontsize=10)
     ax.legend()
     return ax

@@ -1,16 +1,16 @@
 """Built-in tasks: indirect object identification (IOI) and factual recall with counterfactual subjects."""
 
 import random
+import string
 from typing import Any
 
 from mechattr.tasks.task import Task, TaskError
-from mechattr.tasks.tokens import from_prompts, largest_same_length
+from mechattr.tasks.tokens import from_prompts, largest_same_length, token_index
 
-__all__ = ["ioi", "facts", "IOI_TEMPLATES", "NAMES", "LANDMARKS"]
+__all__ = ["ioi", "facts", "IOI_TEMPLATES", "IOI_POSITIONS", "NAMES", "LANDMARKS"]
 
-# {S} is the second mention of the subject: B in the clean prompt, A in the corrupted one.
-# Same shape so that every template yields prompts of one length under a word-level tokenizer; the
-# builder still checks each prompt's length against the first.
+# {S} is the second mention of the subject: B in the clean prompt, A in the corrupted one. Templates
+# may tokenize to different lengths; the named positions (IOI_POSITIONS) align them.
 IOI_TEMPLATES = (
     "When {A} and {B} went to the {place}, {S} gave a {object} to",
     "After {A} and {B} went to the {place}, {S} gave a {object} to",
@@ -41,24 +41,53 @@ def _check_n(task: str, n: int) -> None:
         raise TaskError(f"{task}: n must be a positive number of examples, got {n}")
 
 
+# Named positions of every IOI example: the token ending each name slot, and the last token.
+IOI_POSITIONS = {"IO": "A", "S1": "B", "S2": "S", "END": None}
+_MAX_DRAWS = 100  # name pairs tried per example for two names of one token length
+
+
+def _slot_ends(template: str, **values: str) -> tuple[str, dict[str, int]]:
+    """The formatted template and, per field, the character index just past its value."""
+    text, ends = "", {}
+    for literal, field, _, _ in string.Formatter().parse(template):
+        text += literal
+        if field is not None:
+            text += values[field]
+            ends[field] = len(text)
+    return text, ends
+
+
+def _name_pair(model: Any, rng: random.Random) -> tuple[str, str]:
+    """Two names of one token length (so the clean and corrupted prompts have one length)."""
+    size = lambda name: model.to_tokens(" " + name, prepend_bos=False).shape[1]  # noqa: E731
+    for _ in range(_MAX_DRAWS):
+        a, b = rng.sample(NAMES, 2)
+        if size(a) == size(b):
+            return a, b
+    raise TaskError(f"ioi: no two names of one token length in {_MAX_DRAWS} draws from {', '.join(NAMES)}")
+
+
 def ioi(model: Any, n: int = 8, seed: int = 0, templates: tuple[str, ...] = IOI_TEMPLATES) -> Task:
     """IOI: "When Mary and John went to the store, John gave a drink to" -> " Mary" (answer) vs " John".
 
     The corrupted prompt swaps the second subject mention to the other name ("..., Mary gave a drink
-    to"), which flips the answer, so the clean-minus-corrupted logit difference is large.
+    to"), which flips the answer, so the clean-minus-corrupted logit difference is large. Each example
+    names its positions IO, S1, S2 (the last token of each name) and END (the last token).
     """
     _check_n("ioi", n)
     rng = random.Random(seed)
-    rows = []
+    rows, positions = [], []
     for _ in range(n):
-        a, b = rng.sample(NAMES, 2)
+        a, b = _name_pair(model, rng)
         slots = {"place": rng.choice(PLACES), "object": rng.choice(OBJECTS)}
         template = rng.choice(templates)
-        clean = template.format(A=a, B=b, S=b, **slots)
+        clean, ends = _slot_ends(template, A=a, B=b, S=b, **slots)
         corrupt = template.format(A=a, B=b, S=a, **slots)
         rows.append((clean, corrupt, " " + a, " " + b))
+        positions.append({name: -1 if slot is None else token_index(model, clean, ends[slot])
+                          for name, slot in IOI_POSITIONS.items()})
     clean, corrupt, answer, wrong = map(list, zip(*rows))
-    return from_prompts(model, clean, corrupt, answer, wrong, name="ioi")
+    return from_prompts(model, clean, corrupt, answer, wrong, name="ioi", positions=positions)
 
 
 def facts(model: Any, n: int = 8, seed: int = 0) -> Task:

@@ -8,6 +8,8 @@ import torch
 
 from mechattr.tasks.builtin import facts, ioi
 from mechattr.tasks.cause_effect import cause_effect
+from mechattr.tasks.generated import (greater_than, greater_than_split, ioi_distractor,
+                                      ioi_distractor_split)
 from mechattr.tasks.jsonl import from_jsonl
 from mechattr.tasks.task import Task, TaskError
 
@@ -34,6 +36,13 @@ TASKS: dict[str, TaskEntry] = {
     "cause_effect": TaskEntry(lambda model, n, seed: cause_effect(model, "train", seed=seed),
                               "Yes/No causal-direction questions (training pairs; n unused)",
                               split=_cause_effect_split),
+    # Split by item (centuries, names) into SPLIT_SIZE examples a side, whatever n the command gives.
+    "greater_than": TaskEntry(lambda model, n, seed: greater_than(model, n=n, seed=seed),
+                              "years backwards, the begin year's tens digit (train/held-out by century)",
+                              split=greater_than_split),
+    "ioi_distractor": TaskEntry(lambda model, n, seed: ioi_distractor(model, n=n, seed=seed),
+                                "IOI with four names, three givers (train/held-out by name)",
+                                split=ioi_distractor_split),
 }
 
 

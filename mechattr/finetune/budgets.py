@@ -1,0 +1,312 @@
+"""Budget curves: at each trained-parameter budget, do attribution-selected sites beat chance?
+
+    curves = budget_curves(load, train, heldout, rankings, BudgetPlan(heads=(1, 2, 4, 8, 16)))
+    print(curves.to_markdown())            # per budget: accuracy intervals, precision - random, verdict
+
+For every unit kind ("head", "neuron"), budget and seed, one run each of:
+
+- `exact`: precision fine-tuning of the top-k sites by exact patching (`rankings[kind]["exact"]`);
+- `atp`: the same with the top-k sites of an attribution estimate (`rankings[kind]["atp"]`);
+- `random`: `draws` random site sets per seed from the estimate's whole grid, each drawn until its
+  trained-parameter count is closest to the exact run's;
+- `bottom-k`: the k sites of smallest estimated |effect|;
+- `lora`: peft LoRA whose rank gives about the exact run's parameter count (skipped, and said so, when
+  rank 1 is already more than twice the budget);
+
+and once per seed `full` fine-tuning as the reference. Neuron budgets default to the parameter counts
+of the head budgets (a head is ~74k parameters of SmolLM2, a neuron ~1.7k).
+
+Statistics: accuracies carry two-level percentile-bootstrap intervals over seeds and held-out examples
+(always inside [0, 1]); precision - random is paired by seed (same batch order) and example, random
+draws averaged per seed. A verdict per budget: "beats" or "loses" when the interval excludes 0, "ties"
+when it lies within +-`tie_margin`, else "undecided" (with the interval's half-width, so a reader sees
+how many more seeds or examples it needs).
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechattr.effects import Effects
+from mechattr.finetune.data import Text
+from mechattr.finetune.evaluation import kl_from_base, log_probs, per_example
+from mechattr.finetune.masks import n_trained
+from mechattr.finetune.methods import BottomSites, Full, LoRA, Method, RandomSites, Setup, TopSites
+from mechattr.finetune.trainer import TrainConfig, train
+from mechattr.stats import Interval, bootstrap_accuracy, bootstrap_paired
+from mechattr.storage import write_json, write_text
+from mechattr.tasks import Task
+
+__all__ = ["BudgetPlan", "BudgetCurves", "budget_curves", "matched_neurons", "summary_markdown", "RANKINGS",
+           "UNIT_KINDS"]
+
+RANKINGS = ("exact", "atp")  # the precision methods, by the ranking that chose their sites
+UNIT_KINDS = ("head", "neuron")
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What to train at which budgets."""
+
+    heads: tuple[int, ...] = (1, 2, 4, 8, 16)  # head budgets (sites)
+    neurons: tuple[int, ...] | None = None  # neuron budgets (sites); None: matched to the head budgets'
+    # parameter counts; () for none
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # batch orders (and random draws)
+    draws: int = 3  # random site sets per seed
+    config: TrainConfig = TrainConfig(steps=20, batch_size=8)  # every run's hyperparameters (seed replaced)
+    baselines: tuple[str, ...] = ("random", "bottom-k", "lora", "full")  # which baselines to run
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names LoRA adapts
+    full_lr: float = 3e-5  # full fine-tuning's learning rate (the sparse methods' lr diverges on every weight)
+    tie_margin: float = 0.05  # |precision - random| interval within this counts as a tie
+
+    def __post_init__(self):
+        unknown = set(self.baselines) - {"random", "bottom-k", "lora", "full"}
+        if unknown:
+            raise ValueError(f"BudgetPlan.baselines: unknown {sorted(unknown)}; valid: random, bottom-k, lora, full")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"BudgetPlan.seeds: need distinct seeds, got {self.seeds}")
+        if self.draws < 1:
+            raise ValueError(f"BudgetPlan.draws: need at least one random draw per seed, got {self.draws}")
+        if any(k < 1 for k in (*self.heads, *(self.neurons or ()))):
+            raise ValueError(f"BudgetPlan: budgets are positive site counts, got heads={self.heads}, "
+                             f"neurons={self.neurons}")
+
+
+@dataclass(frozen=True, eq=False)
+class _Measure:
+    """Everything a trained model is scored on, with the base model's values."""
+
+    heldout: Task
+    others: tuple[Task, ...]
+    text: Text
+    base_text: Tensor  # base log-probs on `text`
+
+    def __call__(self, model: Any) -> tuple[dict[str, Any], Bool[Tensor, " n"]]:
+        metric, correct = per_example(model, self.heldout)
+        scores = {"heldout_accuracy": float(correct.float().mean()), "heldout_metric": float(metric.mean()),
+                  "kl_unrelated": kl_from_base(model, self.text.tokens, self.base_text),
+                  "other_accuracy": {t.name: float(per_example(model, t)[1].float().mean()) for t in self.others}}
+        return scores, correct
+
+
+@dataclass(frozen=True, eq=False)
+class BudgetCurves:
+    """Every run of a budget comparison on one task: scores per run and per-example correctness."""
+
+    rows: tuple[dict[str, Any], ...]  # one per run: kind, budget, method, seed, draw, n_trained, scores, wall_s
+    correct: dict[tuple, Bool[Tensor, " n"]]  # (kind, budget, method, seed, draw) -> held-out correctness
+    base: dict[str, Any]  # the untrained model's scores
+    base_correct: Bool[Tensor, " n"]
+    meta: dict[str, Any] = field(default_factory=dict)  # task names, plan, notes
+
+    def _stack(self, kind: str, budget: int, method: str) -> np.ndarray:
+        """Correctness [seeds, draws, examples] of one method at one budget."""
+        keys = sorted(k for k in self.correct if k[:3] == (kind, budget, method))
+        seeds = sorted({k[3] for k in keys})
+        draws = sorted({k[4] for k in keys})
+        return np.stack([np.stack([self.correct[(kind, budget, method, s, d)].numpy() for d in draws])
+                         for s in seeds])
+
+    def cells(self) -> list[tuple[str, int, str]]:
+        """(kind, budget, method) of every trained cell, in run order."""
+        return list(dict.fromkeys((r["kind"], r["budget"], r["method"]) for r in self.rows))
+
+    def accuracy(self, kind: str, budget: int, method: str) -> Interval:
+        """Held-out accuracy over seeds (draws averaged) and examples, with its bootstrap interval."""
+        return bootstrap_accuracy(self._stack(kind, budget, method).mean(1))
+
+    def versus_random(self, kind: str, budget: int, ranking: str = "exact") -> Interval:
+        """Accuracy of precision (`ranking`) minus random sites, paired by seed and example."""
+        return bootstrap_paired(self._stack(kind, budget, ranking)[:, 0], self._stack(kind, budget, "random"))
+
+    def verdict(self, interval: Interval) -> str:
+        margin = self.meta.get("tie_margin", 0.05)
+        if interval.low > 0:
+            return "beats"
+        if interval.high < 0:
+            return "loses"
+        if -margin <= interval.low and interval.high <= margin:
+            return "ties"
+        return f"undecided (±{interval.half_width:.3f} is wider than ±{margin:g})"
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per (kind, budget, method): trained parameters, accuracy interval, mean metric, KL, seconds per run;
+        and for precision methods the paired difference with random sites and its verdict."""
+        out = []
+        for kind, budget, method in self.cells():
+            rows = [r for r in self.rows if (r["kind"], r["budget"], r["method"]) == (kind, budget, method)]
+            acc = self.accuracy(kind, budget, method)
+            entry = {"kind": kind, "budget": budget, "method": method, "runs": len(rows),
+                     "n_trained": float(np.mean([r["n_trained"] for r in rows])),
+                     "accuracy": acc.estimate, "accuracy_low": acc.low, "accuracy_high": acc.high,
+                     "heldout_metric": float(np.mean([r["heldout_metric"] for r in rows])),
+                     "kl_unrelated": float(np.mean([r["kl_unrelated"] for r in rows])),
+                     "other_accuracy": {name: float(np.mean([r["other_accuracy"][name] for r in rows]))
+                                        for name in rows[0]["other_accuracy"]},
+                     "wall_s": float(np.mean([r["wall_s"] for r in rows]))}
+            if method in RANKINGS and (kind, budget, "random") in self.cells():
+                diff = self.versus_random(kind, budget, method)
+                entry.update(minus_random=diff.estimate, minus_random_low=diff.low, minus_random_high=diff.high,
+                             verdict=self.verdict(diff))
+            out.append(entry)
+        return out
+
+    def to_markdown(self) -> str:
+        base = self.base
+        lines = [f"Task {self.meta.get('task', '')}: held-out n = {len(self.base_correct)}, seeds "
+                 f"{self.meta.get('seeds')}, {self.meta.get('draws')} random draw(s) per seed; base model "
+                 f"held-out accuracy {base['heldout_accuracy']:.3f}.", "",
+                 summary_markdown(self.summary())]
+        for note in self.meta.get("notes", []):
+            lines.append(f"\nNote: {note}")
+        return "\n".join(lines)
+
+    def verdicts(self) -> list[str]:
+        """One plain sentence per (kind, budget, ranking)."""
+        out = []
+        for e in self.summary():
+            if "verdict" in e:
+                out.append(f"{self.meta.get('task', '')}, {e['budget']} {e['kind']}(s), {e['method']}-selected: "
+                           f"{e['verdict']} random sites ({e['minus_random']:+.3f} "
+                           f"[{e['minus_random_low']:+.3f}, {e['minus_random_high']:+.3f}])")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "base": self.base, "summary": self.summary(), "rows": list(self.rows),
+                "base_correct": self.base_correct.int().tolist(),
+                "correct": [[*key, value.int().tolist()] for key, value in self.correct.items()]}
+
+    def save(self, directory: str | Path) -> Path:
+        """`curves.json` (every run and its per-example correctness) and `curves.md` in `directory`."""
+        directory = Path(directory)
+        write_json(directory / "curves.json", self.to_json())
+        write_text(directory / "curves.md", self.to_markdown() + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "BudgetCurves":
+        path = Path(directory) / "curves.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no budget curves at {path} (written by BudgetCurves.save)")
+        data = json.loads(path.read_text())
+        correct = {tuple(entry[:5]): torch.tensor(entry[5], dtype=torch.bool) for entry in data["correct"]}
+        return cls(tuple(data["rows"]), correct, data["base"], torch.tensor(data["base_correct"], dtype=torch.bool),
+                   data["meta"])
+
+
+def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of `BudgetCurves.summary()`: one row per (units, budget, method)."""
+    lines = ["| units | budget | method | trained params | held-out acc [95% CI] | metric | KL unrelated | "
+             "other tasks' acc | precision - random [95% CI] | verdict | s per run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        other = ", ".join(f"{k} {v:.3f}" for k, v in e["other_accuracy"].items())
+        diff = (f"{e['minus_random']:+.3f} [{e['minus_random_low']:+.3f}, {e['minus_random_high']:+.3f}]"
+                if "verdict" in e else "")
+        lines.append(f"| {e['kind']} | {e['budget'] or 'all'} | {e['method']} | {e['n_trained']:,.0f} | "
+                     f"{e['accuracy']:.3f} [{e['accuracy_low']:.3f}, {e['accuracy_high']:.3f}] | "
+                     f"{e['heldout_metric']:+.3f} | {e['kl_unrelated']:.4f} | {other} | {diff} | "
+                     f"{e.get('verdict', '')} | {e['wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def matched_neurons(model: Any, heads: Effects, neurons: Effects, budgets: Sequence[int]) -> tuple[int, ...]:
+    """Neuron budgets whose parameter counts match those of the top-k `heads` at each head budget k."""
+    per_neuron = n_trained(TopSites(neurons, k=1).build(model, 0, None).masks)
+    counts = [n_trained(TopSites(heads, k=k).build(model, 0, None).masks) for k in budgets]
+    return tuple(sorted({max(1, round(c / per_neuron)) for c in counts}))
+
+
+def _methods(rankings: dict[str, Effects], budget: int, plan: BudgetPlan) -> list[tuple[str, Method]]:
+    baselines = plan.baselines
+    methods: list[tuple[str, Method]] = [(r, TopSites(rankings[r], k=budget, tag=r)) for r in RANKINGS]
+    if "random" in baselines:
+        methods.append(("random", RandomSites(rankings["atp"])))
+    if "bottom-k" in baselines:
+        methods.append(("bottom-k", BottomSites(rankings["atp"], k=budget)))
+    if "lora" in baselines:
+        methods.append(("lora", LoRA(targets=plan.lora_targets)))
+    return methods
+
+
+def _lora_fits(model: Any, lora: LoRA, target: int) -> bool:
+    """Whether rank-1 LoRA (the smallest) is at most twice `target` parameters."""
+    return n_trained(replace(lora, rank=1).build(model, 0, None).masks) <= 2 * target
+
+
+def budget_curves(load: Callable[[], Any], train_task: Task, heldout: Task,
+                  rankings: dict[str, dict[str, Effects]], plan: BudgetPlan = BudgetPlan(), *,
+                  others: Sequence[Task] = (), text: Text | None = None, progress: bool = True) -> BudgetCurves:
+    """Train every method of `plan` at every budget on `train_task` and score it on `heldout`, `others`
+    (collateral accuracy) and `text` (KL from the base model).
+
+    `load()` returns a fresh base model. `rankings[kind]` holds an "exact" and an "atp" `Effects` over
+    sites of that unit kind ("head": z sites, "neuron": neuron sites); the "atp" one must cover the whole
+    grid, since random and bottom-k sites are drawn from it. Kinds absent from `rankings` are skipped.
+    """
+    from mechattr.finetune.compare import UNRELATED_TEXT
+
+    unknown = {k for k in rankings if k not in UNIT_KINDS} | {
+        f"{k}.{r}" for k, v in rankings.items() for r in RANKINGS if r not in v}
+    if unknown:
+        raise ValueError(f"budget_curves: rankings need kinds among {UNIT_KINDS}, each with {RANKINGS}; "
+                         f"missing or unknown: {sorted(unknown)}")
+    model = load()
+    text = text if text is not None else Text.from_strings(model, UNRELATED_TEXT, seq_len=32, name="unrelated")
+    measure = _Measure(heldout, tuple(others), text, log_probs(model, text.tokens))
+    base, base_correct = measure(model)
+    budgets = {"head": plan.heads if "head" in rankings else ()}
+    if "neuron" in rankings:
+        budgets["neuron"] = plan.neurons if plan.neurons is not None else \
+            matched_neurons(model, rankings["head"]["exact"], rankings["neuron"]["atp"], plan.heads) \
+            if "head" in rankings else ()
+    notes: list[str] = []
+    jobs = []  # (kind, budget, label, method, seed, draw)
+    for kind, sizes in budgets.items():
+        for budget in sizes:
+            for label, method in _methods(rankings[kind], budget, plan):
+                for seed in plan.seeds:
+                    for draw in range(plan.draws if label == "random" else 1):
+                        jobs.append((kind, budget, label, method, seed, draw))
+    if "full" in plan.baselines:
+        jobs += [("all", 0, "full", Full(lr=plan.full_lr), seed, 0) for seed in plan.seeds]
+
+    rows, correct, targets = [], {}, {}
+    with tqdm(total=len(jobs), desc="budget curves", disable=not progress) as bar:
+        for kind, budget, label, method, seed, draw in jobs:
+            bar.set_postfix(units=kind, budget=budget, method=label, seed=seed)
+            bar.update(1)
+            fresh = load()
+            target = targets.get((kind, budget))
+            if label == "lora" and not _lora_fits(fresh, method, target):
+                note = (f"no LoRA at {budget} {kind}(s): rank 1 already trains more than twice the "
+                        f"{target:,} parameters of the budget")
+                notes += [note] if note not in notes else []
+                continue
+            start = time.perf_counter()
+            setup: Setup = method.build(fresh, seed * 1_000 + draw, target)
+            if label == "exact":
+                targets[(kind, budget)] = n_trained(setup.masks)
+            config = replace(plan.config, seed=seed, lr=plan.config.lr if method.lr is None else method.lr)
+            result = train(setup.model, setup.masks, train_task, config, progress=False, sites=setup.sites)
+            scores, right = measure(setup.model)
+            rows.append({"kind": kind, "budget": budget, "method": label, "seed": seed, "draw": draw,
+                         "lr": config.lr, "n_trained": result.n_trained, **scores, "train_s": result.wall_s,
+                         "wall_s": time.perf_counter() - start,  # selection, training and scoring
+                         "final_loss": result.losses[-1] if result.losses else math.nan,
+                         "sites": [str(s) for s in setup.sites]})
+            correct[(kind, budget, label, seed, draw)] = right.cpu()
+    meta = {"task": train_task.name, "heldout": heldout.name, "n_train": train_task.n_examples,
+            "n_heldout": heldout.n_examples, "others": [t.name for t in others], "budgets": budgets,
+            "seeds": list(plan.seeds), "draws": plan.draws, "config": asdict(plan.config),
+            "tie_margin": plan.tie_margin, "notes": notes}
+    return BudgetCurves(tuple(rows), correct, base, base_correct.cpu(), meta)

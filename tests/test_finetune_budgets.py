@@ -1,0 +1,113 @@
+"""Budget curves on the small native model: every method at every budget, matched parameter counts,
+paired statistics, verdicts and the saved form."""
+
+import numpy as np
+import pytest
+import torch
+
+import mechattr
+from mechattr.finetune import Text, TrainConfig, masks, n_trained
+from mechattr.finetune.budgets import BudgetCurves, BudgetPlan, budget_curves
+from mechattr.finetune.evaluation import per_example
+from mechattr.stats import bootstrap_paired
+from tests.bridges import answered_task
+
+
+@pytest.fixture(scope="module")
+def curves():
+    model = mechattr.native_model()
+    task = answered_task(0)
+    rankings = {"head": {"exact": mechattr.patch(model, task, mechattr.grid(model, "z"), progress=False),
+                         "atp": mechattr.attribute(model, task, mechattr.grid(model, "z"), "atp")},
+                "neuron": {"exact": mechattr.patch(model, task, mechattr.grid(model, "neuron"), progress=False),
+                           "atp": mechattr.attribute(model, task, mechattr.grid(model, "neuron"), "atp")}}
+    plan = BudgetPlan(heads=(1, 2), seeds=(0, 1), draws=2, config=TrainConfig(steps=3, lr=1e-2, batch_size=6),
+                      lora_targets=("q", "v"))
+    text = Text(torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(9)), name="noise")
+    return model, rankings, budget_curves(mechattr.native_model, task, answered_task(1), rankings, plan,
+                                          others=[answered_task(2)], text=text, progress=False)
+
+
+def test_every_method_runs_at_every_budget_with_matched_parameters(curves):
+    model, rankings, result = curves
+    per_head = n_trained(masks(model, [mechattr.Site("z", 0, head=0)]))
+    per_neuron = n_trained(masks(model, [mechattr.Site("neuron", 0, neuron=0)]))
+    neurons = result.meta["budgets"]["neuron"]
+    # Neuron budgets match the exact head budgets' parameter counts.
+    assert list(neurons) == sorted({round(n_trained(masks(model, list(rankings["head"]["exact"].top(k)[i][0]
+                                                                      for i in range(k))))
+                                          / per_neuron) for k in (1, 2)})
+    for kind, budgets, unit in (("head", (1, 2), per_head), ("neuron", neurons, per_neuron)):
+        for budget in budgets:
+            rows = {(r["method"], r["seed"], r["draw"]): r for r in result.rows
+                    if (r["kind"], r["budget"]) == (kind, budget)}
+            assert {m for m, _, _ in rows} == {"exact", "atp", "random", "bottom-k", "lora"}
+            assert sum(1 for m, _, _ in rows if m == "random") == 2 * 2  # seeds x draws
+            for seed in (0, 1):
+                target = rows[("exact", seed, 0)]["n_trained"]
+                assert len(rows[("exact", seed, 0)]["sites"]) == budget
+                for draw in (0, 1):  # random draws hit the budget to within half a unit
+                    assert abs(rows[("random", seed, draw)]["n_trained"] - target) <= unit / 2 + 1
+                assert rows[("random", seed, 0)]["sites"] != rows[("random", seed, 1)]["sites"]
+    full = [r for r in result.rows if r["method"] == "full"]
+    assert len(full) == 2 and full[0]["n_trained"] == sum(p.numel() for p in model.parameters())
+
+
+def test_scores_are_the_trained_models_and_statistics_pair_by_seed(curves):
+    _, _, result = curves
+    base_metric, base_correct = per_example(mechattr.native_model(), answered_task(1))
+    assert torch.equal(result.base_correct, base_correct)
+    assert result.base["heldout_accuracy"] == pytest.approx(float(base_correct.float().mean()))
+    for row in result.rows:
+        key = (row["kind"], row["budget"], row["method"], row["seed"], row["draw"])
+        assert row["heldout_accuracy"] == pytest.approx(float(result.correct[key].float().mean()))
+    exact = np.stack([result.correct[("head", 2, "exact", s, 0)].numpy() for s in (0, 1)])
+    random = np.stack([[result.correct[("head", 2, "random", s, d)].numpy() for d in (0, 1)] for s in (0, 1)])
+    diff = result.versus_random("head", 2)
+    assert diff.estimate == pytest.approx(exact.mean() - random.mean())
+    assert diff == bootstrap_paired(exact, random)
+    for entry in result.summary():
+        assert 0 <= entry["accuracy_low"] <= entry["accuracy"] <= entry["accuracy_high"] <= 1
+
+
+def test_verdicts_follow_the_interval(curves):
+    _, _, result = curves
+    from mechattr.stats import Interval
+    assert result.verdict(Interval(0.1, 0.02, 0.2)) == "beats"
+    assert result.verdict(Interval(-0.1, -0.2, -0.01)) == "loses"
+    assert result.verdict(Interval(0.0, -0.03, 0.04)) == "ties"
+    assert result.verdict(Interval(0.0, -0.2, 0.2)).startswith("undecided (±0.200")
+    assert len(result.verdicts()) == 2 * (2 + len(result.meta["budgets"]["neuron"]))
+
+
+def test_saved_curves_load_to_the_same_statistics(curves, tmp_path):
+    _, _, result = curves
+    loaded = BudgetCurves.load(result.save(tmp_path))
+    assert loaded.summary() == result.summary()
+    assert (tmp_path / "curves.md").read_text().count("| head | 1 | exact |") == 1
+    with pytest.raises(FileNotFoundError, match="no budget curves"):
+        BudgetCurves.load(tmp_path / "elsewhere")
+
+
+def test_bad_plans_and_rankings_are_refused(curves):
+    with pytest.raises(ValueError, match="unknown \\['dropout'\\]"):
+        BudgetPlan(baselines=("random", "dropout"))
+    with pytest.raises(ValueError, match="distinct seeds"):
+        BudgetPlan(seeds=(1, 1))
+    with pytest.raises(ValueError, match="missing or unknown: \\['head.atp'\\]"):
+        budget_curves(mechattr.native_model, answered_task(0), answered_task(1), {"head": {"exact": curves[1]["head"]["exact"]}})
+
+
+def test_budget_plot_draws_every_method_and_the_paired_differences(curves):
+    from mechattr.plots.finetune import plot_budget_curves
+    _, _, result = curves
+    fig = plot_budget_curves(result)
+    acc, diff = fig.axes
+    labels = acc.get_legend_handles_labels()[1]
+    assert {"exact (heads)", "random (neurons)", "lora (heads)", "full", "base model"} <= set(labels)
+    assert acc.get_xscale() == "log" and acc.get_ylim() == (0, 1)
+    exact = next(c.lines[0] for c in acc.containers if c.get_label() == "exact (heads)")
+    expected = [e["accuracy"] for e in sorted(result.summary(), key=lambda e: e["n_trained"])
+                if (e["kind"], e["method"]) == ("head", "exact")]
+    assert list(exact.get_ydata()) == pytest.approx(expected)
+    assert "exact - random (heads)" in diff.get_legend_handles_labels()[1]

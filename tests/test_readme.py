@@ -1,0 +1,90 @@
+"""The README's examples run, in order, in an empty directory, and its lists match the registries."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Long jobs, shortened for the suite (the rest runs as written): the main job's quick configuration,
+# exact grids over three layers, and fine-tuning for 2 steps on one seed.
+SHORTER = {"run": ["--quick"], "patch": ["--layers", "0,17,29"], "finetune": ["--steps", "2"]}
+REPLACE = {"0,1,2": "0"}
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+
+
+def commands() -> list[list[str]]:
+    """Each command line of the README's shell blocks, in order, continuation lines joined."""
+    lines = []
+    for block in blocks("sh"):
+        lines += [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line]
+
+
+def test_the_readme_has_its_examples():
+    names = [line[0] for line in commands()]
+    assert names.count("mechattr") >= 7 and "torchrun" in names
+    assert len(blocks("python")) == 2
+    # A shell would expand an unquoted atp* against the files of the current directory.
+    assert "--method atp*" not in README.read_text() and "--method 'atp*'" in README.read_text()
+
+
+def test_each_command_reads_only_what_an_earlier_one_wrote():
+    written = set()
+    for line in commands():
+        options = dict(zip(line, line[1:]))
+        for flag in ("--effects", "--sites-from", "--estimate-from"):
+            if flag in options:
+                source = options[flag].removesuffix("/effects.safetensors")
+                assert source in written, f"{' '.join(line)} reads {source}, which no earlier command writes"
+        if "--out" in options:
+            written.add(options["--out"])
+        if line[:2] == ["mechattr", "run"]:
+            written.add(f"runs/{options.get('--name', 'main')}")
+
+
+def test_the_task_list_is_the_registry():
+    from mechattr.tasks import TASKS
+
+    bullet = next(p for p in README.read_text().split("\n- ") if p.startswith("**Tasks**"))
+    assert re.findall(r"`tasks\.(\w+)`", bullet.split("in the registry")[0]) == list(TASKS)
+
+
+def shortened(line: list[str]) -> list[str]:
+    line = [REPLACE.get(word, word) for word in line]
+    if line[0] == "mechattr":
+        line = [sys.executable, "-m", "mechattr.cli", *line[1:], *SHORTER.get(line[1], [])]
+    elif line[0] == "torchrun":
+        line = [sys.executable, "-m", "torch.distributed.run", "--standalone", *line[1:]]
+    return line
+
+
+@pytest.mark.slow
+def test_the_examples_run_in_order_without_warnings(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "MPLBACKEND": "Agg"}
+    first, recipe = blocks("python")
+    for python in (first, recipe):
+        done = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Warning" not in done.stderr, done.stderr[-3000:]
+        if python == first:
+            assert (tmp_path / "resid_pre.png").stat().st_size > 1000 and "Site(" in done.stdout
+    assert (tmp_path / "tuned" / "model.safetensors").is_file() and "->" in done.stdout
+    for line in commands():
+        done = subprocess.run(shortened(line), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+        assert done.returncode == 0, f"{' '.join(line)}:\n{done.stderr[-3000:]}"
+        if line[0] == "mechattr":  # torchrun itself prints a notice about OMP_NUM_THREADS
+            assert "Warning" not in done.stderr, f"{' '.join(line)}:\n{done.stderr[-3000:]}"
+        out = dict(zip(line, line[1:])).get("--out")
+        assert out is None or (tmp_path / out).is_dir(), f"{' '.join(line)} wrote no {out}"
+    assert (tmp_path / "runs/ioi_check/verification.json").is_file()
+    assert (tmp_path / "runs/ce_finetune/comparison.md").is_file()
