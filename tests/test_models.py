@@ -79,7 +79,7 @@ def test_a_users_gguf_file_loads_by_path_like_the_built_in_model_and_is_cached(s
     tokens = smollm2.to_tokens("When Mary and John went to the store, John gave a drink to")
     with torch.no_grad():
         expected = smollm2(tokens)
-    key = (str(path.resolve()), str(torch.float32))  # the process-wide copy, dropped to load again
+    key = (str(path.resolve()), str(torch.float32), True)  # the process-wide copy, dropped to load again
     model = mechattr.load_model(str(path))
     mechattr.models._CACHE.pop(key)
     (stored,) = (tmp_path / "cache").iterdir()

@@ -95,9 +95,6 @@ def test_precision_finetuning(monkeypatch):
     assert s["precision_n_trained"] < s["full_n_trained"] / 100
     assert s["random_n_trained"] == pytest.approx(s["precision_n_trained"], rel=0.2)
     assert s["trained_metric"] > s["base_metric"]
-    # Trained on the checkpoint's weights, the exported folder computes the same logits in transformers.
-    assert s["export_coordinates"] == "checkpoint" and s["export_max_logit_gap"] < 1e-3
-    assert s["curve_rows"] == 2 * 3 and s["curve_accuracies_in_unit_interval"]  # 2 seeds x (exact, atp, random)
 
 
 @pytest.mark.slow
