@@ -15,7 +15,7 @@ import torch
 import mechattr
 from mechattr.cli import main
 from mechattr.cli.common import UsageError, kinds
-from mechattr.finetune import Delta, masks
+from mechattr.finetune import Delta, masks, n_trained
 from mechattr.finetune.evaluation import task_scores
 from mechattr.tasks import cause_effect, ioi
 
@@ -48,6 +48,10 @@ def test_usage_errors_return_2_and_help_returns_0(capsys):
     (["finetune", "--sites-from", "nowhere", "--top-k", "0", "--out", "x"], "--top-k must be a positive integer"),
     (["finetune", "--sites-from", "nowhere", "--top-k", "2", "--out", "x"], "nowhere/effects.json is missing"),
     (["verify", "--effects", "nowhere", "--out", "x"], "nowhere/effects.json is missing"),
+    (["curves", "--heads", "0,2", "--out", "x"], "--heads are positive head counts"),
+    (["curves", "--heads", "1,two", "--out", "x"], "--heads must be comma-separated integers"),
+    (["curves", "--baselines", "random,shuffled", "--out", "x"], "valid: random, bottom-k, lora, full"),
+    (["curves", "--draws", "0", "--out", "x"], "--draws must be a positive integer"),
 ])
 def test_bad_input_is_named_before_any_model_loads(capsys, tmp_path, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
@@ -139,6 +143,29 @@ def test_finetune_delta_reproduces_its_metrics_and_compare_matches_sizes(estimat
 
 
 @pytest.mark.slow
+def test_curves_trains_every_method_and_scores_the_heldout_split(smollm2, tmp_path, capsys):
+    from mechattr.finetune.budgets import BudgetCurves
+    from mechattr.tasks import train_heldout
+
+    status = main(["curves", "--heads", "1", "--no-neurons", "--seeds", "0,1", "--draws", "1", "--baselines",
+                   "random", "--steps", "1", "--rank-examples", "4", "--heldout-examples", "16",
+                   "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 0
+    curves = BudgetCurves.load(tmp_path)
+    assert sorted((r["method"], r["seed"]) for r in curves.rows) == [(m, s) for m in ("atp", "exact", "random")
+                                                                     for s in (0, 1)]
+    # Every SmolLM2 head owns as many entries (its W_Q rows and W_O columns, its group's W_K and W_V rows).
+    size = {r["method"]: r["n_trained"] for r in curves.rows}
+    assert size["random"] == size["exact"] == n_trained(masks(smollm2, [mechattr.Site("z", 0, head=0)]))
+    # The base model's held-out accuracy is that of the first 16 examples of greater_than's held-out split.
+    heldout = train_heldout(smollm2, "greater_than", n=512, seed=0, heldout=0.5)[1].subset(slice(0, 16))
+    assert curves.base["heldout_accuracy"] == pytest.approx(task_scores(smollm2, heldout)["accuracy"])
+    assert curves.meta["n_heldout"] == 16 and curves.meta["budgets"] == {"head": [1]}
+    assert all(line in out for line in curves.verdicts()) and (tmp_path / "curves.png").is_file()
+
+
+@pytest.mark.slow
 def test_distributed_patch_under_torchrun_equals_one_process(tmp_path, smollm2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
@@ -179,7 +206,7 @@ def test_effects_of_a_task_file_record_its_size_and_absolute_path(capsys, tmp_pa
     torch.testing.assert_close(torch.tensor(checked["exact"]), torch.tensor(checked["estimated"]), atol=1e-5, rtol=0)
 
 
-COMMANDS = ("run", "patch", "attribute", "verify", "discover", "finetune", "export")
+COMMANDS = ("run", "patch", "attribute", "verify", "discover", "finetune", "curves", "export")
 
 
 def help_of(capsys, command: str) -> str:
@@ -209,6 +236,7 @@ def listed(text: str, what: str) -> list[str]:
 def test_help_lists_exactly_the_registries(capsys):
     from mechattr.attribution import METHODS
     from mechattr.circuits import LEVELS
+    from mechattr.finetune.budgets import BASELINES
     from mechattr.finetune.data import LOSSES
     from mechattr.finetune.masks import KV_MODES
     from mechattr.finetune.methods import METHODS as FINETUNE_METHODS, TopSites
@@ -236,6 +264,7 @@ def test_help_lists_exactly_the_registries(capsys):
     assert re.findall(r"(?:^--loss LOSS|;) (\w+): ", option_help(finetune, "--loss")) == list(LOSSES)
     assert listed(option_help(finetune, "--baselines"), "comma-separated methods to compare with") == \
         [name for name, cls in FINETUNE_METHODS.items() if cls is not TopSites]
+    assert listed(option_help(help_of(capsys, "curves"), "--baselines"), "selected sites") == list(BASELINES)
 
 
 def test_every_option_has_help_and_shows_its_default(capsys):

@@ -1,28 +1,43 @@
 """Export: a model fine-tuned in checkpoint coordinates leaves mechattr as a Hugging Face folder that plain
 `transformers` loads with the same logits, differing from the original checkpoint only at trained
-entries, and as a sparse delta that reproduces it from the original checkpoint bit for bit."""
+entries, and as a sparse delta that reproduces it from the original checkpoint bit for bit. On families
+with fused projections, TransformerLens's own split of the exported fused tensors is the reference."""
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file, load_model as load_weights
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import mechattr
 from mechattr import families
 from mechattr.cli import main
-from mechattr.finetune import Delta, TrainConfig, masks, train
+from mechattr.finetune import Delta, TrainConfig, fused, masks, train
 from mechattr.finetune.delta import CHECKPOINT, COMPAT, hf_name
 from mechattr.finetune.export import DELTA_FILE, INFO_FILE, checkpoint_delta, export
-from mechattr.finetune.layouts import SUPPORTED_FAMILIES, find_layout
+from mechattr.finetune.layouts import SUPPORTED_FAMILIES, find_layout, unused_parameters
 from mechattr.selection import SiteSet
 from mechattr.sites import Site
 from tests import tiny_families
 
 SITES = SiteSet.of([Site("z", 0, head=1), Site("z", 1, head=3)])
 PROMPT = torch.randint(0, families.VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
+FUSED = ("gpt2", "gpt_neox", "bloom", "falcon", "phi3")  # families whose bridge splits a fused projection
+# Falcon's other layout that TransformerLens 4.3 boots: query_key_value interleaved per head, with biases.
+VARIANTS = {"falcon-per-head": replace(families.FAMILIES["falcon"],
+                                       kwargs=dict(families.FAMILIES["falcon"].kwargs, multi_query=False, bias=True))}
+FUSED_SITES = SiteSet.of([*SITES, Site("neuron", 1, neuron=5)])  # Phi-3's neurons live in gate_up_proj
+
+
+def build(name, folder):
+    """A tiny random model of family `name`, or of a variant in VARIANTS, as a Hugging Face folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        if name in VARIANTS:
+            patch.setitem(families.FAMILIES, name, VARIANTS[name])
+        return families.build(name, folder)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +74,77 @@ def tiny_export(folder, tmp_path_factory):
     return model, result, export(model, tmp_path_factory.mktemp("out") / "tuned", delta=result.delta)
 
 
+@pytest.fixture(scope="module", params=[*FUSED, *VARIANTS])
+def fused_export(request, tmp_path_factory):
+    """A tiny model of a fused-projection family with two heads and a neuron trained, exported:
+    (trained bridge, its `FinetuneResult`, the export folder, the original checkpoint's folder)."""
+    root = tmp_path_factory.mktemp(request.param)
+    checkpoint = build(request.param, root / "checkpoint")
+    model, result = trained(checkpoint, sites=FUSED_SITES)
+    return model, result, export(model, root / "tuned", delta=result.delta), checkpoint
+
+
+def split_modules(model):
+    """(bridge module, its split copies' roles, TransformerLens's split function, the Hugging Face module it
+    splits) for each fused projection the bridge split at boot."""
+    for block in model.blocks:
+        for module, roles, split in ((block.attn, ("q", "k", "v"), "split_qkv_matrix"),
+                                     (block.mlp, ("gate", "in"), "split_gate_up_matrix")):
+            if hasattr(module, split):
+                yield module, roles, getattr(module, split), f"{block.name}.{module.name}"
+
+
+def resplit(model, hf_model):
+    """{bridge parameter name: tensor}: the split copies that TransformerLens's own boot-time split makes
+    of `hf_model`'s fused projections (none on families without them)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for module, roles, split, path in split_modules(model):
+        for role, piece in zip(roles, split(hf_model.get_submodule(path))):
+            copies = getattr(module, role).original_component
+            for leaf, value in piece.named_parameters():
+                out[names[id(getattr(copies, leaf))]] = value.detach()
+    return out
+
+
+def aliases(model):
+    """{id(parameter): every name it has in `model`, wrappers removed} (the bridge reaches a tensor by
+    several paths, e.g. GPT-2's attn.o and attn.c_proj)."""
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(param), []).append(hf_name(name))
+    return out
+
+
+def checkpoint_masks(model, owned, hf_model):
+    """`owned` (masks on the bridge's parameters) as masks on `hf_model`'s tensors, found without
+    `mechattr.finetune.fused`: a split copy's entries through TransformerLens's split of a copy of `hf_model`
+    whose every entry holds its own number; any other parameter is `hf_model`'s tensor under one of its names."""
+    paths = {path for *_, path in split_modules(model)}
+    numbered, starts, start = copy.deepcopy(hf_model) if paths else hf_model, {}, 0
+    with torch.no_grad():
+        for path in sorted(paths):
+            for name, param in numbered.get_submodule(path).named_parameters(prefix=path):
+                param.copy_(torch.arange(start, start + param.numel()).view(param.shape))
+                starts[name], start = start, start + param.numel()
+    assert start < 2 ** 24  # every number is exact in float32
+    split, names, params = resplit(model, numbered), aliases(model), dict(model.named_parameters())
+    out = {name: torch.zeros(p.shape, dtype=torch.bool) for name, p in hf_model.named_parameters()}
+    for name, mask in owned.items():
+        if name not in split:
+            out[next(a for a in names[id(params[name])] if a in out)] |= mask
+            continue
+        numbers = split[name][mask].long()
+        for target, first in starts.items():
+            inside = (numbers >= first) & (numbers < first + out[target].numel())
+            out[target].view(-1)[numbers[inside] - first] = True
+    return {name: mask for name, mask in out.items() if mask.any()}
+
+
 def original(checkpoint):
-    """The original checkpoint as a plain `transformers` model, read from its folder's safetensors."""
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=torch.float32)
-    load_weights(model, str(checkpoint / "model.safetensors"))
+    """The original checkpoint as a plain `transformers` model, every tensor read from its folder."""
+    model, info = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
     return model.eval()
 
 
@@ -90,15 +172,15 @@ def greedy(model, tokens, n):
 def check_round_trip(model, result, out, checkpoint, prompt, atol=1e-4):
     """The assertions shared by the tiny model and SmolLM2; returns (max |logit diff|, entries that
     differ from the checkpoint, trained entries)."""
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    exported = original(out)
     with torch.no_grad():
         gap = float((exported(prompt).logits[:, -1] - model(prompt)[:, -1]).abs().max())
     assert gap <= atol
 
     # Every entry outside the trained units is the checkpoint's, bit for bit; trained ones moved.
-    owned = {hf_name(n): m for n, m in masks(model, result.delta.sites).items()}
-    state, base = exported.state_dict(), load_file(str(checkpoint / "model.safetensors"))
-    assert set(load_file(str(out / "model.safetensors"))) <= set(state) and set(base) <= set(state)
+    owned = checkpoint_masks(model, masks(model, result.delta.sites), exported)
+    state, base = exported.state_dict(), original(checkpoint).state_dict()
+    assert set(base) == set(state)
     changed = 0
     for name, value in base.items():
         mask = owned.get(name)
@@ -113,11 +195,14 @@ def check_round_trip(model, result, out, checkpoint, prompt, atol=1e-4):
     # The sparse delta turns the original checkpoint into the export, bit for bit, with or without mechattr.
     for fresh in (Delta.load(out / DELTA_FILE).apply(original(checkpoint)),
                   apply_by_hand(original(checkpoint), out / DELTA_FILE)):
-        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+        applied = fresh.state_dict()
+        assert all(torch.equal(applied[k], v) for k, v in state.items())
 
-    # Still tied after reload; generation runs and matches greedy decoding with the trained bridge.
-    assert exported.config.tie_word_embeddings
-    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+    # Tied as the checkpoint was after reload; generation runs and matches greedy decoding with the bridge.
+    tied = AutoConfig.from_pretrained(checkpoint).tie_word_embeddings
+    assert exported.config.tie_word_embeddings == tied
+    if tied:
+        assert exported.get_output_embeddings().weight.data_ptr() == exported.get_input_embeddings().weight.data_ptr()
     generated = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
                                   do_sample=False, pad_token_id=exported.config.eos_token_id)
     assert torch.equal(generated, greedy(model, prompt, 4))
@@ -185,7 +270,7 @@ def test_compatibility_mode_is_refused_with_the_way_to_export(folder):
     with pytest.raises(ValueError, match=r"compatibility mode.*compatibility=False.*--export"):
         export(model, folder.parent / "never")
     with pytest.raises(ValueError, match=r"transformer_bridge_compat.*compatibility=False"):
-        checkpoint_delta(result.delta)
+        checkpoint_delta(result.delta, model)
     assert not (folder.parent / "never").exists()
 
 
@@ -219,11 +304,67 @@ def test_lora_is_exported_merged(folder, tmp_path):
     assert (out / "tokenizer.json").is_file()
 
 
-def test_training_the_bridges_split_copies_of_a_fused_projection_is_refused(tmp_path):
-    gpt2 = families.build("gpt2", tmp_path / "gpt2")
-    model, _ = trained(gpt2, sites=SiteSet.of([Site("z", 0, head=1)]))
-    with pytest.raises(ValueError, match=r"other logits than the bridge.*attn\.q"):
+def test_fused_projections_export_with_the_trained_split_copies(fused_export):
+    model, result, out, checkpoint = fused_export
+    gap, changed, n = check_round_trip(model, result, out, checkpoint, PROMPT)
+    print(f"{fused.variant(model.original_model.config)}: max |logit difference| {gap:.3g}; "
+          f"{changed:,} entries differ of {n:,} trained")
+    # The delta holds exactly the trained entries, at their indices in the checkpoint's (fused) tensors.
+    owned = checkpoint_masks(model, masks(model, FUSED_SITES), original(out))
+    hf_delta = Delta.load(out / DELTA_FILE)
+    assert set(hf_delta.values) == set(owned)
+    for name, mask in owned.items():
+        index = hf_delta.indices[name]
+        assert torch.equal(torch.arange(mask.numel()) if index is None else index, mask.flatten().nonzero()[:, 0])
+
+
+def test_the_bridges_own_split_of_the_exported_fused_tensors_gives_back_the_trained_copies(fused_export):
+    model, result, out, checkpoint = fused_export
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    again = resplit(model, exported)
+    params = dict(model.named_parameters())
+    base = dict(mechattr.load_model(str(checkpoint), compatibility=False).named_parameters())
+    names, own = aliases(model), set(exported.state_dict())
+    assert set(again) == {n for n, p in params.items() if not own & set(names[id(p)])}  # every split copy
+    assert all(torch.equal(value, params[name]) for name, value in again.items())
+    trained_copies = set(masks(model, FUSED_SITES)) & set(again)
+    assert trained_copies and all(not torch.equal(params[n], base[n]) for n in trained_copies)
+
+
+@pytest.mark.parametrize("name", [*FUSED, *VARIANTS])
+def test_an_untrained_bridges_split_copies_fuse_back_to_the_checkpoint_bit_for_bit(name, tmp_path):
+    checkpoint = build(name, tmp_path / name)
+    model = mechattr.load_model(str(checkpoint), compatibility=False)
+    unread = unused_parameters(model)
+    assert unread
+    with torch.no_grad():  # the fused tensors the bridge keeps unread: the export must not take them from there
+        for param_name, param in model.named_parameters():
+            if param_name in unread:
+                param.fill_(float("nan"))
+    saved = load_file(str(export(model, tmp_path / "out") / "model.safetensors"))
+    base = load_file(str(checkpoint / "model.safetensors"))
+    assert saved.keys() == base.keys() and all(torch.equal(saved[k], v) for k, v in base.items())
+
+
+def test_a_delta_on_a_fused_tensor_is_refused_by_the_bridge_which_reads_split_copies(fused_export):
+    model, result, out, checkpoint = fused_export
+    fresh = mechattr.load_model(str(checkpoint), compatibility=False)
+    with pytest.raises(ValueError, match="no longer reads.*plain transformers model"):
+        Delta.load(out / DELTA_FILE).apply(fresh)
+    result.delta.apply(fresh)  # the training run's delta, in bridge names
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+
+
+def test_a_fusion_that_is_not_known_is_refused_naming_the_split_copy(tmp_path, monkeypatch):
+    model, result = trained(families.build("gpt2", tmp_path / "gpt2"), sites=SiteSet.of([Site("z", 0, head=1)]))
+    monkeypatch.delitem(fused.FUSIONS, "gpt2")
+    with pytest.raises(ValueError, match=r"delta parameter '[^']*attn\.q\.[^']*weight' \(64, 64\) is a copy only "
+                                         r"the bridge reads.*'gpt2' fuses it back.*not known"):
+        export(model, tmp_path / "out", delta=result.delta)
+    with pytest.raises(ValueError, match=r"other logits than the bridge.*fusion into the checkpoint is not known for "
+                                         r"'gpt2'.*attn\.q"):
         export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_command_rebuilds_the_model_from_a_saved_delta(tiny_export, folder, tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 
 import mechattr
 from mechattr.finetune import Text, TrainConfig, masks, n_trained
-from mechattr.finetune.budgets import BudgetCurves, BudgetPlan, budget_curves
+from mechattr.finetune.budgets import BudgetCurves, BudgetPlan, budget_curves, matched_neurons, rank_units
 from mechattr.finetune.evaluation import per_example
 from mechattr.stats import bootstrap_paired
 from tests.bridges import answered_task
@@ -51,6 +51,15 @@ def test_every_method_runs_at_every_budget_with_matched_parameters(curves):
                 assert rows[("random", seed, 0)]["sites"] != rows[("random", seed, 1)]["sites"]
     full = [r for r in result.rows if r["method"] == "full"]
     assert len(full) == 2 and full[0]["n_trained"] == sum(p.numel() for p in model.parameters())
+    # A LoRA rank is trained once per seed: a budget of another unit kind with that rank reuses the run.
+    lora = [r for r in result.rows if r["method"] == "lora"]
+    trained = {(r["n_trained"], r["seed"]) for r in lora if "shared_with" not in r}
+    assert len(trained) == len([r for r in lora if "shared_with" not in r])
+    for r in (r for r in lora if "shared_with" in r):
+        kind, budget = r["shared_with"]
+        first = next(f for f in lora if (f["kind"], f["budget"], f["seed"]) == (kind, budget, r["seed"]))
+        assert kind != r["kind"] and (r["n_trained"], r["heldout_accuracy"]) == (first["n_trained"],
+                                                                                 first["heldout_accuracy"])
 
 
 def test_scores_are_the_trained_models_and_statistics_pair_by_seed(curves):
@@ -76,7 +85,9 @@ def test_verdicts_follow_the_interval(curves):
     assert result.verdict(Interval(0.1, 0.02, 0.2)) == "beats"
     assert result.verdict(Interval(-0.1, -0.2, -0.01)) == "loses"
     assert result.verdict(Interval(0.0, -0.03, 0.04)) == "ties"
-    assert result.verdict(Interval(0.0, -0.2, 0.2)).startswith("undecided (±0.200")
+    assert result.verdict(Interval(0.0, -0.2, 0.1)) == \
+        "undecided (the interval includes 0 and reaches -0.200, beyond ±0.05)"
+    assert result.verdict(Interval(0.03, 0.0, 0.08)).startswith("undecided (the interval includes 0 and reaches +0.080")
     assert len(result.verdicts()) == 2 * (2 + len(result.meta["budgets"]["neuron"]))
 
 
@@ -111,3 +122,32 @@ def test_budget_plot_draws_every_method_and_the_paired_differences(curves):
                 if (e["kind"], e["method"]) == ("head", "exact")]
     assert list(exact.get_ydata()) == pytest.approx(expected)
     assert "exact - random (heads)" in diff.get_legend_handles_labels()[1]
+
+
+def test_rank_units_patches_every_head_and_the_estimates_top_neurons():
+    model, task = mechattr.native_model(), answered_task(0)
+    rankings, budgets = rank_units(model, task, heads=(1, 2))
+    heads, neurons = mechattr.grid(model, "z"), mechattr.grid(model, "neuron")
+    torch.testing.assert_close(rankings["head"]["exact"].effect,
+                               mechattr.patch(model, task, heads, progress=False).effect, rtol=0, atol=0)
+    estimate = mechattr.attribute(model, task, neurons, "atp")
+    torch.testing.assert_close(rankings["neuron"]["atp"].effect, estimate.effect, rtol=0, atol=1e-6)
+    assert budgets == matched_neurons(model, rankings["head"]["exact"], estimate, (1, 2))
+    shortlist = [site for site, _ in estimate.top(2 * max(budgets))]
+    assert list(rankings["neuron"]["exact"].sites) == shortlist
+    torch.testing.assert_close(rankings["neuron"]["exact"].effect,
+                               mechattr.patch(model, task, shortlist, progress=False).effect, rtol=0, atol=0)
+    assert rank_units(model, task, heads=(1,), neurons=False)[1] == ()
+
+
+def test_a_tie_where_both_arms_are_right_on_every_example_says_so():
+    rows, correct = [], {}
+    for method in ("exact", "random"):
+        for seed in (0, 1, 2):
+            rows.append({"kind": "head", "budget": 4, "method": method, "seed": seed, "draw": 0, "n_trained": 10,
+                         "heldout_metric": 1.0, "kl_unrelated": 0.0, "other_accuracy": {}, "wall_s": 1.0})
+            correct[("head", 4, method, seed, 0)] = torch.ones(50, dtype=torch.bool)
+    curves = BudgetCurves(tuple(rows), correct, {"heldout_accuracy": 0.7}, torch.zeros(50, dtype=torch.bool))
+    entry = next(e for e in curves.summary() if e["method"] == "exact")
+    assert (entry["minus_random_low"], entry["minus_random_high"]) == (0.0, 0.0)
+    assert entry["verdict"].startswith("ties at the ceiling (both at least 0.99 held-out accuracy")

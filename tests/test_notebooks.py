@@ -93,8 +93,15 @@ def test_precision_finetuning(monkeypatch):
     assert s["untouched_max_change"] == 0.0
     assert s["delta_roundtrip_max_diff"] == 0.0
     assert s["precision_n_trained"] < s["full_n_trained"] / 100
-    assert s["random_n_trained"] == pytest.approx(s["precision_n_trained"], rel=0.2)
     assert s["trained_metric"] > s["base_metric"]
+    # Budget curves: exact, AtP and random at one budget and two seeds; random heads drawn to the same size.
+    assert s["curve_rows"] == 3 * 2
+    assert s["curve_n_trained"]["random 1"] == pytest.approx(s["curve_n_trained"]["exact 1"], rel=0.2)
+    assert s["curve_accuracies_in_unit_interval"]
+    # The exported folder, loaded by plain transformers, is the model mechattr trained.
+    assert s["export_coordinates"] == "checkpoint"
+    assert s["export_max_logit_gap"] < 1e-3
+    assert s["export_heldout_accuracy"] == pytest.approx(s["export_mechattr_accuracy"], abs=1 / 64)
 
 
 @pytest.mark.slow

@@ -11,8 +11,10 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Long jobs, shortened for the suite (the rest runs as written): the main job's quick configuration,
-# exact grids over three layers, and fine-tuning for 2 steps on one seed.
-SHORTER = {"run": ["--quick"], "patch": ["--layers", "0,17,29"], "finetune": ["--steps", "2"]}
+# exact grids over three layers, fine-tuning for 2 steps on one seed, and budget curves of 1 head, 1 step.
+SHORTER = {"run": ["--quick"], "patch": ["--layers", "0,17,29"], "finetune": ["--steps", "2"],
+           "curves": ["--heads", "1", "--no-neurons", "--seeds", "0,1", "--draws", "1", "--baselines", "random",
+                      "--steps", "1", "--rank-examples", "4", "--heldout-examples", "16"]}
 REPLACE = {"0,1,2": "0"}
 
 

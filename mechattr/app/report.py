@@ -209,7 +209,10 @@ def _curves_section(metrics: dict, paths: dict) -> list[str]:
              "count; `full` trains everything. Neuron budgets match the head budgets' parameter counts. "
              "Accuracy intervals are two-level bootstrap intervals over seeds and held-out examples (inside "
              "[0, 1]); precision - random is paired by seed and example. A verdict says `beats` or `loses` "
-             "when its interval excludes 0, `ties` when it lies within ±0.05, else `undecided`.", ""]
+             "when its interval excludes 0, `ties` when it lies within ±0.05, else `undecided`, naming the end "
+             "of the interval beyond ±0.05: more seeds and random draws narrow it (`mechattr run --full` runs 3 "
+             "draws per seed). Collateral change: KL from the base model on unrelated text, and the other tasks' "
+             "accuracy (docs/budget_curves.md).", ""]
     for name, c in metrics["curves"].items():
         meta = c["meta"]
         lines += [f"### {name}", "",
@@ -303,10 +306,12 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
     if config["fast"]:
         lines += ["> **Smoke-test configuration** (`--fast`): tiny sizes; the numbers show that the pipeline "
                   "runs, not what the model does.", ""]
-    elif tuple(config["curve_heads"]) != FULL_CURVES["curve_heads"] or \
-            tuple(config["curve_tasks"]) != FULL_CURVES["curve_tasks"]:
-        lines += [f"> Budget curves at {config['curve_heads']} heads on {list(config['curve_tasks'])}; "
-                  "`mechattr run --full` runs every budget (1-16 heads and matched neurons) on every task.", ""]
+    elif any((tuple(config[k]) if isinstance(v, tuple) else config[k]) != v for k, v in FULL_CURVES.items()):
+        lines += [f"> Budget curves at {config['curve_heads']} head(s)"
+                  + ("" if config["curve_neurons"] else " (no neuron budgets)")
+                  + f" on {list(config['curve_tasks'])}, against {list(config['curve_baselines'])}; "
+                  "`mechattr run --full` runs every budget (1-16 heads and matched neurons) on every task, "
+                  "against every baseline.", ""]
     shown = {k: config[k] for k in ("networks", "trials", "data_tokens", "component_network", "top_k", "steps",
                                     "seeds", "lr", "seed", "curve_tasks", "curve_heads", "curve_seeds", "threads")}
     lines += [f"Configuration: `{json.dumps(shown)}` (all of it in `config.json`).", "",

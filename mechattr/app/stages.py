@@ -46,7 +46,7 @@ from mechattr.causal.components import AGAINST, knowledge_effects
 from mechattr.causal.prompts import context, question
 from mechattr.effects import Effects
 from mechattr.finetune import Checkpoint, Delta, Evaluate, TopSites, TrainConfig, train
-from mechattr.finetune.budgets import BudgetPlan, budget_curves, matched_neurons
+from mechattr.finetune.budgets import BudgetPlan, budget_curves, rank_units
 from mechattr.finetune.evaluation import task_scores
 from mechattr.finetune.export import DELTA_FILE as DELTA_EXPORT, INFO_FILE, export
 from mechattr.models import checkpoint_of, load_model
@@ -160,24 +160,14 @@ def _curves(run: RunDirectory, name: str) -> tuple[dict[str, Any], list[str]]:
     config, model = run.config, run.base
     train_task, heldout = _curve_split(run, name)
     ranked = train_task.subset(slice(0, config.curve_rank_examples))
-    heads = grid(model, "z")
-    rankings = {"head": {"exact": patch(model, ranked, heads, progress=run.progress),
-                         "atp": attribute(model, ranked, heads, "atp")}}
-    neurons: tuple[int, ...] = ()
-    if config.curve_neurons:
-        estimate = attribute(model, ranked, grid(model, "neuron"), "atp")
-        neurons = matched_neurons(model, rankings["head"]["exact"], estimate, config.curve_heads)
-        # Exact patching of every neuron is ~46k cells; its top estimates are verified instead, twice
-        # as many as the largest budget, so the exact ranking chooses among them.
-        shortlist = [site for site, _ in estimate.top(2 * max(neurons))]
-        rankings["neuron"] = {"exact": patch(model, ranked, shortlist, progress=run.progress), "atp": estimate}
+    rankings, neurons = rank_units(model, ranked, config.curve_heads, config.curve_neurons, progress=run.progress)
     files = []
     for kind, pair in rankings.items():
         for ranking, effects in pair.items():
             files += run.save_effects(f"curves_{name}_{kind}_{ranking}", [effects], task=train_task.name)
     others = [_curve_split(run, other)[1].subset(slice(0, 100)) for other in config.curve_tasks if other != name]
     others.append(ioi(model, n=64, seed=config.seed))
-    plan = BudgetPlan(heads=config.curve_heads, neurons=neurons if config.curve_neurons else (),
+    plan = BudgetPlan(heads=config.curve_heads, neurons=neurons,
                       seeds=config.curve_seeds, draws=config.curve_draws, baselines=config.curve_baselines,
                       config=TrainConfig(lr=config.lr, steps=config.curve_steps, batch_size=config.batch_size))
     curves = budget_curves(lambda: load_model(config.model), train_task, heldout, rankings, plan, others=others,
@@ -213,7 +203,6 @@ def _delta(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
 def _export(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     """The delta stage's run again on the checkpoint's own weights (compatibility mode folds LayerNorm into
     them), exported as a Hugging Face folder, then loaded back with plain `transformers`."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     config = run.config
@@ -226,9 +215,10 @@ def _export(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     heldout = run.task("heldout")
     with torch.no_grad():
         gap = float((model(heldout.clean)[:, -1] - loaded(heldout.clean).logits[:, -1]).abs().max())
-    original = load_file(str(Path(checkpoint_of(config.model)) / "model.safetensors"))
-    exported = load_file(str(folder / "model.safetensors"))
-    changed = sum(int((exported[k] != v).sum()) for k, v in original.items() if k in exported)
+    # Both as transformers loads them: file keys differ between checkpoints (GPT-NeoX's embed_out is lm_head).
+    original = dict(AutoModelForCausalLM.from_pretrained(checkpoint_of(config.model),
+                                                         dtype=torch.float32).named_parameters())
+    changed = sum(int((p != original[k]).sum()) for k, p in loaded.named_parameters())
     return {"folder": EXPORT_DIR, "coordinates": result.delta.coordinates, "n_trained": result.n_trained,
             "entries_changed": changed, "max_logit_gap": gap, "heldout": task_scores(loaded, heldout),
             "sites": [str(s) for s in setup.sites]}, \

@@ -6,6 +6,7 @@
     mechattr verify     exact patching of an estimate's top sites and a sample of the rest
     mechattr discover   a circuit and its faithfulness curve
     mechattr finetune   precision fine-tuning of the top sites, with --compare against baselines
+    mechattr curves     budget curves: attribution-selected sites against random ones of the same size
     mechattr export     a delta trained in checkpoint coordinates as a Hugging Face model folder
 
 The task commands take --device and --dtype for the model. Choices and their help are read from the
@@ -23,7 +24,7 @@ import sys
 import warnings
 from typing import Callable, Iterator, Sequence
 
-from mechattr.cli import circuits, export, finetune, grids, run as run_command
+from mechattr.cli import circuits, curves, export, finetune, grids, run as run_command
 from mechattr.cli.common import HelpFormatter, UsageError
 
 __all__ = ["main"]
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     # Every subcommand's --help shows the defaults.
     sub = parser.add_subparsers(dest="command", required=True,
                                 parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
-    for module in (run_command, grids, circuits, finetune, export):
+    for module in (run_command, grids, circuits, finetune, curves, export):
         module.add(sub)
     return parser
 
@@ -55,11 +56,13 @@ def _bad_input_types() -> tuple[type, ...]:
 @contextlib.contextmanager
 def _third_party_quiet() -> Iterator[None]:
     """Hide the deprecation notices of the libraries underneath (transformers, TransformerLens, torch),
-    which name calls the user did not write; mechattr's own warnings still show."""
+    which name calls the user did not write, and transformers' progress bars for loading and saving
+    weights (a second's work each, between mechattr's own bars); mechattr's own warnings still show."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # transformers logs some deprecations instead of warning
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             for category in (FutureWarning, DeprecationWarning):
@@ -68,6 +71,8 @@ def _third_party_quiet() -> Iterator[None]:
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

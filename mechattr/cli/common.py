@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["UsageError", "HelpFormatter", "default", "choices_help", "describe", "check_choice", "add_task_args",
-           "add_grid_args", "positive",
+           "add_grid_args", "positive", "names", "integers",
            "task_of", "load_model", "load", "kinds", "layers", "grids", "is_writer", "write_effects", "effects_from",
            "task_defaults"]
 
@@ -92,6 +92,22 @@ def check_choice(what: str, value: str, entries: dict[str, Any] | Sequence[str])
 def positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value}")
+
+
+def names(spec: str) -> list[str]:
+    """The names of a comma-separated list."""
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def integers(option: str, spec: str) -> list[int]:
+    """The integers of a comma-separated list given to `option`."""
+    try:
+        values = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"{option} must be comma-separated integers, got {spec!r}") from None
+    if not values:
+        raise UsageError(f"{option} names no value")
+    return values
 
 
 def task_of(model: Any, name: str, n: int, seed: int) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mechattr.cli.common import (UsageError, add_task_args, check_choice, choices_help, default, effects_from,
-                                 load_model, positive, task_defaults, task_of)
+                                 integers, load_model, names, positive, task_defaults, task_of)
 
 __all__ = ["add"]
 
@@ -82,22 +82,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--estimate-from only applies with --compare")
     if args.export is not None and Path(args.export).resolve() == Path(args.out).resolve():
         raise UsageError(f"--export {args.export} must be another directory than --out")
-    for name in _names(args.baselines):
+    for name in names(args.baselines):
         check_choice("baseline", name, _baselines())
-
-
-def _names(spec: str) -> list[str]:
-    return [name.strip() for name in spec.split(",") if name.strip()]
-
-
-def _seeds(spec: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds must be comma-separated integers, got {spec!r}") from None
-    if not seeds:
-        raise UsageError("--seeds names no seed")
-    return seeds
 
 
 def _model(args: argparse.Namespace) -> Any:
@@ -117,7 +103,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from mechattr.tasks import ioi
 
     _check(args)
-    seeds = _seeds(args.seeds) if args.compare else []
+    seeds = integers("--seeds", args.seeds) if args.compare else []
     effects = effects_from(args.sites_from, args.kinds)
     task_defaults(args, effects[0].meta, ("model", "task", "n", "seed", "metric"))
     base = _model(args)
@@ -176,7 +162,7 @@ def _compare(args: argparse.Namespace, out: Path, effects: list, precision: Any,
     if args.estimate_from:
         methods.append(TopSites(effects_from(args.estimate_from, args.kinds), k=args.top_k, kv=args.kv,
                                 significant_only=args.significant_only, tag="precision (attribution)"))
-    methods += [METHODS[name].against(effects, args.top_k, args.kv) for name in _names(args.baselines)]
+    methods += [METHODS[name].against(effects, args.top_k, args.kv) for name in names(args.baselines)]
     start = time.time()
     table = compare(lambda: load_model(args), train_task, heldout, methods, config, seeds, other_task=other, text=text)
     table.save(out)

@@ -11,7 +11,8 @@ For every unit kind ("head", "neuron"), budget and seed, one run each of:
   trained-parameter count is closest to the exact run's;
 - `bottom-k`: the k sites of smallest estimated |effect|;
 - `lora`: peft LoRA whose rank gives about the exact run's parameter count (skipped, and said so, when
-  rank 1 is already more than twice the budget);
+  rank 1 is already more than twice the budget; a rank trained at one unit kind is reused, not retrained,
+  at the other: its row names the run in `shared_with`);
 
 and once per seed `full` fine-tuning as the reference. Neuron budgets default to the parameter counts
 of the head budgets (a head is ~74k parameters of SmolLM2, a neuron ~1.7k).
@@ -19,8 +20,8 @@ of the head budgets (a head is ~74k parameters of SmolLM2, a neuron ~1.7k).
 Statistics: accuracies carry two-level percentile-bootstrap intervals over seeds and held-out examples
 (always inside [0, 1]); precision - random is paired by seed (same batch order) and example, random
 draws averaged per seed. A verdict per budget: "beats" or "loses" when the interval excludes 0, "ties"
-when it lies within +-`tie_margin`, else "undecided" (with the interval's half-width, so a reader sees
-how many more seeds or examples it needs).
+when it lies within +-`tie_margin` ("ties at the ceiling" when both accuracies are at least `CEILING`),
+else "undecided" (naming the end of the interval beyond the margin).
 """
 
 import json
@@ -36,20 +37,25 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechattr.attribution import attribute
 from mechattr.effects import Effects
 from mechattr.finetune.data import Text
 from mechattr.finetune.evaluation import kl_from_base, log_probs, per_example
 from mechattr.finetune.masks import n_trained
 from mechattr.finetune.methods import BottomSites, Full, LoRA, Method, RandomSites, Setup, TopSites
 from mechattr.finetune.trainer import TrainConfig, train
+from mechattr.patching import patch
+from mechattr.sites import grid
 from mechattr.stats import Interval, bootstrap_accuracy, bootstrap_paired
 from mechattr.storage import write_json, write_text
 from mechattr.tasks import Task
 
-__all__ = ["BudgetPlan", "BudgetCurves", "budget_curves", "matched_neurons", "summary_markdown", "RANKINGS",
-           "UNIT_KINDS"]
+__all__ = ["BudgetPlan", "BudgetCurves", "budget_curves", "rank_units", "matched_neurons", "summary_markdown",
+           "RANKINGS", "BASELINES", "UNIT_KINDS"]
 
 RANKINGS = ("exact", "atp")  # the precision methods, by the ranking that chose their sites
+BASELINES = ("random", "bottom-k", "lora", "full")  # what the precision methods are compared with
+CEILING = 0.99  # held-out accuracy at which a tie says only that the task is learnt, not which sites are better
 UNIT_KINDS = ("head", "neuron")
 
 
@@ -63,15 +69,15 @@ class BudgetPlan:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # batch orders (and random draws)
     draws: int = 3  # random site sets per seed
     config: TrainConfig = TrainConfig(steps=20, batch_size=8)  # every run's hyperparameters (seed replaced)
-    baselines: tuple[str, ...] = ("random", "bottom-k", "lora", "full")  # which baselines to run
+    baselines: tuple[str, ...] = BASELINES  # which baselines to run
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names LoRA adapts
     full_lr: float = 3e-5  # full fine-tuning's learning rate (the sparse methods' lr diverges on every weight)
     tie_margin: float = 0.05  # |precision - random| interval within this counts as a tie
 
     def __post_init__(self):
-        unknown = set(self.baselines) - {"random", "bottom-k", "lora", "full"}
+        unknown = set(self.baselines) - set(BASELINES)
         if unknown:
-            raise ValueError(f"BudgetPlan.baselines: unknown {sorted(unknown)}; valid: random, bottom-k, lora, full")
+            raise ValueError(f"BudgetPlan.baselines: unknown {sorted(unknown)}; valid: {', '.join(BASELINES)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"BudgetPlan.seeds: need distinct seeds, got {self.seeds}")
         if self.draws < 1:
@@ -136,7 +142,8 @@ class BudgetCurves:
             return "loses"
         if -margin <= interval.low and interval.high <= margin:
             return "ties"
-        return f"undecided (±{interval.half_width:.3f} is wider than ±{margin:g})"
+        edge = interval.low if -interval.low > interval.high else interval.high
+        return f"undecided (the interval includes 0 and reaches {edge:+.3f}, beyond ±{margin:g})"
 
     def summary(self) -> list[dict[str, Any]]:
         """Per (kind, budget, method): trained parameters, accuracy interval, mean metric, KL, seconds per run;
@@ -155,29 +162,38 @@ class BudgetCurves:
                      "wall_s": float(np.mean([r["wall_s"] for r in rows]))}
             if method in RANKINGS and (kind, budget, "random") in self.cells():
                 diff = self.versus_random(kind, budget, method)
+                verdict = self.verdict(diff)
+                if verdict == "ties" and min(acc.estimate, self.accuracy(kind, budget, "random").estimate) >= CEILING:
+                    verdict = (f"ties at the ceiling (both at least {CEILING:g} held-out accuracy: this budget is too "
+                               "large to tell them apart; see the metric, or a smaller budget)")
                 entry.update(minus_random=diff.estimate, minus_random_low=diff.low, minus_random_high=diff.high,
-                             verdict=self.verdict(diff))
+                             verdict=verdict)
             out.append(entry)
         return out
 
     def to_markdown(self) -> str:
         base = self.base
-        lines = [f"Task {self.meta.get('task', '')}: held-out n = {len(self.base_correct)}, seeds "
-                 f"{self.meta.get('seeds')}, {self.meta.get('draws')} random draw(s) per seed; base model "
-                 f"held-out accuracy {base['heldout_accuracy']:.3f}.", "",
+        lines = [f"Trained on {self.meta.get('task', '')} ({self.meta.get('n_train')} examples), scored on "
+                 f"{self.meta.get('heldout', '')} (n = {len(self.base_correct)}); seeds {self.meta.get('seeds')}, "
+                 f"{self.meta.get('draws')} random draw(s) per seed; base model held-out accuracy "
+                 f"{base['heldout_accuracy']:.3f}.", "",
                  summary_markdown(self.summary())]
         for note in self.meta.get("notes", []):
             lines.append(f"\nNote: {note}")
         return "\n".join(lines)
 
     def verdicts(self) -> list[str]:
-        """One plain sentence per (kind, budget, ranking)."""
+        """One plain sentence per (kind, budget, ranking): the verdict on held-out accuracy, and the
+        collateral change (KL on unrelated text) of both."""
+        summary = self.summary()
+        kl = {(e["kind"], e["budget"], e["method"]): e["kl_unrelated"] for e in summary}
         out = []
-        for e in self.summary():
+        for e in summary:
             if "verdict" in e:
-                out.append(f"{self.meta.get('task', '')}, {e['budget']} {e['kind']}(s), {e['method']}-selected: "
-                           f"{e['verdict']} random sites ({e['minus_random']:+.3f} "
-                           f"[{e['minus_random_low']:+.3f}, {e['minus_random_high']:+.3f}])")
+                out.append(f"{self.meta.get('task', '')}, {e['budget']} {e['kind']}(s), {e['method']}-selected vs "
+                           f"random sites: {e['verdict']}, {e['minus_random']:+.3f} [{e['minus_random_low']:+.3f}, "
+                           f"{e['minus_random_high']:+.3f}] in held-out accuracy; KL on unrelated text "
+                           f"{e['kl_unrelated']:.3f} vs {kl[(e['kind'], e['budget'], 'random')]:.3f}")
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -224,6 +240,26 @@ def matched_neurons(model: Any, heads: Effects, neurons: Effects, budgets: Seque
     per_neuron = n_trained(TopSites(neurons, k=1).build(model, 0, None).masks)
     counts = [n_trained(TopSites(heads, k=k).build(model, 0, None).masks) for k in budgets]
     return tuple(sorted({max(1, round(c / per_neuron)) for c in counts}))
+
+
+def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = True, *,
+               progress: bool = False) -> tuple[dict[str, dict[str, Effects]], tuple[int, ...]]:
+    """The `rankings` of `budget_curves`, measured on `task`, and the neuron budgets matched to the head
+    budgets `heads` (() without `neurons`).
+
+    Every head is ranked by exact patching and by AtP. Every MLP neuron is ranked by AtP; exact patching
+    of every neuron (~46k cells on SmolLM2) is too slow, so only AtP's top 2 x (largest neuron budget)
+    are patched exactly, and the exact neuron ranking chooses among that shortlist.
+    """
+    z = grid(model, "z")
+    rankings = {"head": {"exact": patch(model, task, z, progress=progress), "atp": attribute(model, task, z, "atp")}}
+    if not neurons:
+        return rankings, ()
+    estimate = attribute(model, task, grid(model, "neuron"), "atp")
+    budgets = matched_neurons(model, rankings["head"]["exact"], estimate, heads)
+    shortlist = [site for site, _ in estimate.top(2 * max(budgets))]
+    rankings["neuron"] = {"exact": patch(model, task, shortlist, progress=progress), "atp": estimate}
+    return rankings, budgets
 
 
 def _methods(rankings: dict[str, Effects], budget: int, plan: BudgetPlan) -> list[tuple[str, Method]]:
@@ -280,7 +316,7 @@ def budget_curves(load: Callable[[], Any], train_task: Task, heldout: Task,
     if "full" in plan.baselines:
         jobs += [("all", 0, "full", Full(lr=plan.full_lr), seed, 0) for seed in plan.seeds]
 
-    rows, correct, targets = [], {}, {}
+    rows, correct, targets, reused = [], {}, {}, {}
     with tqdm(total=len(jobs), desc="budget curves", disable=not progress) as bar:
         for kind, budget, label, method, seed, draw in jobs:
             bar.set_postfix(units=kind, budget=budget, method=label, seed=seed)
@@ -296,6 +332,12 @@ def budget_curves(load: Callable[[], Any], train_task: Task, heldout: Task,
             setup: Setup = method.build(fresh, seed * 1_000 + draw, target)
             if label == "exact":
                 targets[(kind, budget)] = n_trained(setup.masks)
+            shared = (label, n_trained(setup.masks), seed)  # one LoRA rank is the same run at any unit kind
+            if label == "lora" and shared in reused:
+                row, right = reused[shared]
+                rows.append({**row, "kind": kind, "budget": budget, "shared_with": [row["kind"], row["budget"]]})
+                correct[(kind, budget, label, seed, draw)] = right
+                continue
             config = replace(plan.config, seed=seed, lr=plan.config.lr if method.lr is None else method.lr)
             result = train(setup.model, setup.masks, train_task, config, progress=False, sites=setup.sites)
             scores, right = measure(setup.model)
@@ -305,6 +347,8 @@ def budget_curves(load: Callable[[], Any], train_task: Task, heldout: Task,
                          "final_loss": result.losses[-1] if result.losses else math.nan,
                          "sites": [str(s) for s in setup.sites]})
             correct[(kind, budget, label, seed, draw)] = right.cpu()
+            if label == "lora":
+                reused[shared] = rows[-1], right.cpu()
     meta = {"task": train_task.name, "heldout": heldout.name, "n_train": train_task.n_examples,
             "n_heldout": heldout.n_examples, "others": [t.name for t in others], "budgets": budgets,
             "seeds": list(plan.seeds), "draws": plan.draws, "config": asdict(plan.config),

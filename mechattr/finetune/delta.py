@@ -8,7 +8,9 @@ on, and records which weights those are (`coordinates`):
 - `CHECKPOINT`: the checkpoint's own weights (`mechattr.load_model(name, compatibility=False)`, or a
   plain Hugging Face model). The delta applies to the raw bridge and to the plain `transformers` model
   alike: `apply` matches a parameter by its bridge name or by its Hugging Face name (the bridge's with
-  every `._original_component.` removed).
+  every `._original_component.` removed). Except on fused projections (GPT-2's `c_attn`, ...): the
+  bridge reads split copies of them, so a delta keyed by the fused Hugging Face tensor
+  (`mechattr.finetune.export.checkpoint_delta`) applies to the plain model only, and the bridge refuses it.
 `apply` checks the base: each delta carries the base values of a few of its entries ("probes") and
 refuses a model whose values there differ.
 
@@ -39,6 +41,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from mechattr.finetune.layouts import unused_parameters
 from mechattr.selection import SiteSet
 from mechattr.storage import write_safetensors
 
@@ -85,7 +88,8 @@ class Delta:
     def apply(self, model: Any, scale: float = 1.0, check: bool = True) -> Any:
         """Add `scale` x delta to `model`'s weights in place and return it. With `check`, first verify
         that the model's base values at the probe entries are the ones the delta was trained from. A
-        parameter is found by its name in the delta, else by its Hugging Face name (`hf_name`)."""
+        parameter is found by its name in the delta, else by its Hugging Face name (`hf_name`); a fused
+        projection that a bridge split at boot and no longer reads is refused."""
         params = self._parameters(model)
         for name in self.values:
             if name not in params:
@@ -113,7 +117,17 @@ class Delta:
         params = dict(model.named_parameters())
         # remove_duplicate=False: a tied weight answers to both its names (embedding and unembedding).
         plain = {hf_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
-        return {**params, **{n: plain[hf_name(n)] for n in self.values if n not in params and hf_name(n) in plain}}
+        found = {**params, **{n: plain[hf_name(n)] for n in self.values if n not in params and hf_name(n) in plain}}
+        # A bridge keeps a fused projection it split at boot (GPT-2's c_attn, ...) under its Hugging Face
+        # name, but reads only the split copies: a delta written there would change nothing it computes.
+        unread = {id(params[n]) for n in unused_parameters(model)}
+        for name in self.values:
+            if name in found and id(found[name]) in unread:
+                raise ValueError(f"delta parameter {name!r} is, in this bridge, a fused projection split at boot "
+                                 "that its forward no longer reads (it reads split copies): apply a delta keyed by "
+                                 "Hugging Face names to the plain transformers model, and the training run's delta "
+                                 "(bridge names) to the bridge")
+        return found
 
     def _check_probes(self, params: dict[str, Tensor]) -> None:
         for name, (index, expected) in self.probes.items():

@@ -11,6 +11,10 @@ the tokenizer's files, `delta.safetensors` (the trained entries keyed by Hugging
 format in `mechattr.finetune.delta`) and `mechattr.json` (base model and checkpoint, coordinates, sites,
 trained-entry count).
 
+On families whose attention (or MLP) projection is fused in the checkpoint (GPT-2, GPT-NeoX, Bloom, Falcon,
+Phi-3), the bridge reads split copies of it; export writes them back into the fused tensor, and the delta
+addresses the fused tensor's entries (`mechattr.finetune.fused`).
+
 Only checkpoint coordinates export: compatibility mode (`mechattr.load_model(name)`) folds LayerNorm
 into the weights and centres the unembedding, so weights trained there are not the checkpoint's
 parameters; in a tied model the centred unembedding is no longer the embedding, and a folder saved from
@@ -18,6 +22,7 @@ them loads into a model that silently computes other logits.
 """
 
 import copy
+import math
 import os
 import shutil
 from pathlib import Path
@@ -27,7 +32,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechattr.finetune.delta import CHECKPOINT, COMPAT, Delta, coordinates_of, hf_name
+from mechattr.finetune.delta import CHECKPOINT, COMPAT, Delta, coordinates_of
+from mechattr.finetune.fused import FUSIONS, Place, checkpoint_places, skeleton, variant
 from mechattr.storage import write_json
 
 __all__ = ["export", "checkpoint_delta", "INFO_FILE", "DELTA_FILE"]
@@ -43,16 +49,64 @@ _HOW = ("To fine-tune for export, train the bridge that keeps the checkpoint's w
         "mechattr.load_model(name, compatibility=False) (command line: mechattr finetune ... --export DIR).")
 
 
-def checkpoint_delta(delta: Delta) -> Delta:
-    """`delta` keyed by Hugging Face parameter names, so it applies to the plain `transformers` model of
-    the original checkpoint (`Delta.apply`, or the few lines in `mechattr.finetune.delta`)."""
+def checkpoint_delta(delta: Delta, model: Any) -> Delta:
+    """`delta`, trained on `model`, keyed by Hugging Face parameter names with flat indices into those
+    tensors, so it applies to the plain `transformers` model of the original checkpoint (`Delta.apply`, or
+    the few lines in `mechattr.finetune.delta`). Entries of a bridge's split copy of a fused projection
+    become entries of the fused tensor."""
+    _require_checkpoint(delta)
+    return _relocated(delta, checkpoint_places(model), model)
+
+
+def _require_checkpoint(delta: Delta) -> None:
     if delta.coordinates != CHECKPOINT:
         raise ValueError(f"delta for {delta.base_model!r} is in coordinates {delta.coordinates!r}, not the original "
                          f"checkpoint's: it applies to {delta.applies_to()}. {_HOW}")
-    rename = {name: hf_name(name) for name in delta.values}
-    return Delta({rename[n]: v for n, v in delta.values.items()}, {rename[n]: i for n, i in delta.indices.items()},
-                 {rename[n]: s for n, s in delta.shapes.items()}, {rename[n]: p for n, p in delta.probes.items()},
-                 delta.sites, delta.base_model, CHECKPOINT)
+
+
+def _relocated(delta: Delta, places: dict[str, Place], model: Any) -> Delta:
+    """`delta` moved to the checkpoint's tensors; the parts of one fused tensor become one entry."""
+    groups: dict[str, list[str]] = {}
+    for name in delta.values:
+        groups.setdefault(_place(places, name, delta, model).name, []).append(name)
+    values, indices, shapes, probes = {}, {}, {}, {}
+    for target, names in groups.items():
+        shapes[target] = places[names[0]].shape
+        values[target], indices[target], probes[target] = _gathered(delta, names, places, target)
+    return Delta(values, indices, shapes, probes, delta.sites, delta.base_model, CHECKPOINT)
+
+
+def _place(places: dict[str, Place], name: str, delta: Delta, model: Any) -> Place:
+    if name in places:
+        return places[name]
+    if name not in dict(model.named_parameters()):
+        raise ValueError(f"delta parameter {name!r} {delta.shapes[name]} is not a parameter of model {_name(model)!r}")
+    raise ValueError(f"delta parameter {name!r} {delta.shapes[name]} is a copy only the bridge reads (split from a "
+                     f"fused projection when it booted), and how {_family(model)!r} fuses it back into the checkpoint "
+                     f"is not known (mechattr.finetune.fused.FUSIONS knows {', '.join(FUSIONS)}), so the delta has "
+                     "no place in the checkpoint")
+
+
+def _gathered(delta: Delta, names: list[str], places: dict[str, Place],
+              target: str) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
+    """Values, flat indices (None: every entry, in order) and probes of `names`' entries in the checkpoint's
+    tensor `target`, sorted by index."""
+    if len(names) == 1 and places[names[0]].index is None:  # the checkpoint's own tensor: nothing moves
+        return delta.values[names[0]], delta.indices[names[0]], delta.probes[names[0]]
+    index = torch.cat([_in_checkpoint(delta.indices[n], places[n], delta.shapes[n]) for n in names])
+    if index.unique().numel() != index.numel():
+        raise ValueError(f"delta parameters {names} overlap in the checkpoint's {target!r} (a fused projection "
+                         "trained together with the bridge's split copies of it?): no single value per entry")
+    order = index.argsort()
+    values = torch.cat([delta.values[n].detach().cpu() for n in names])[order]
+    probe_index = torch.cat([_in_checkpoint(delta.probes[n][0], places[n], delta.shapes[n]) for n in names])
+    return values, index[order], (probe_index, torch.cat([delta.probes[n][1] for n in names]))
+
+
+def _in_checkpoint(index: Tensor | None, place: Place, shape: tuple[int, ...]) -> Tensor:
+    """Flat indices in the checkpoint's tensor of a parameter's entries `index` (None: all, in order)."""
+    own = torch.arange(math.prod(shape)) if index is None else index.cpu()
+    return own if place.index is None else place.index.flatten()[own]
 
 
 def export(model: Any, directory: str | Path, delta: Delta | None = None, base_model: str | None = None,
@@ -73,10 +127,13 @@ def export(model: Any, directory: str | Path, delta: Delta | None = None, base_m
     # First, under no_grad: this forward also replaces what the bridge keeps from the last training step
     # (GPT-2's attention keeps its pattern, with autograd history, which `deepcopy` refuses to copy).
     expected = _last_logits(model, tokens)
-    plain = _plain(model)
+    places = checkpoint_places(model)
+    if delta is not None:
+        _require_checkpoint(delta)
+    hf_delta = None if delta is None else _relocated(delta, places, model)
+    plain = _plain(model, places)
     _check_ties(plain)
-    _check_logits(model, plain, tokens, expected)
-    hf_delta = None if delta is None else checkpoint_delta(delta)
+    _check_logits(model, plain, tokens, expected, [n for n, _ in model.named_parameters() if n not in places])
     if hf_delta is not None:
         _check_fits(hf_delta, plain)
     base = base_model or (delta.base_model if delta is not None else "") or _name(model)
@@ -113,9 +170,14 @@ def _checkpoint(base: str) -> str | None:
         return None
 
 
-def _plain(model: Any) -> Any:
-    """The Hugging Face model to save: the bridge's own with its wrappers and added tensors removed, or
-    a peft model's with its adapters merged in."""
+def _family(model: Any) -> str:
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    return variant(config) if config is not None else type(model).__name__
+
+
+def _plain(model: Any, places: dict[str, Place]) -> Any:
+    """The Hugging Face model to save: the bridge's own with its wrappers and added tensors removed and
+    its split copies written into the fused tensors, or a peft model's with its adapters merged in."""
     if hasattr(model, "merge_and_unload"):
         return copy.deepcopy(model).merge_and_unload()
     if not hasattr(model, "original_model"):
@@ -123,16 +185,28 @@ def _plain(model: Any) -> Any:
     from mechattr.finetune.methods import plain_model
 
     plain = plain_model(model)
-    with torch.device("meta"):  # the architecture's own tensors, without allocating them
-        skeleton = type(plain)(copy.deepcopy(plain.config))
-    own, held = set(skeleton.state_dict()), plain.state_dict()
+    architecture = skeleton(plain)
+    own, held = set(architecture.state_dict()), plain.state_dict()
     missing = sorted(own - set(held))
     if missing:
         raise ValueError(f"cannot export model {_name(model)!r}: the bridge's {type(plain).__name__} lacks "
                          f"{missing[:3]}")
     for name in sorted(set(held) - own):
-        _drop_added(plain, skeleton, name, held[name])
+        _drop_added(plain, architecture, name, held[name])
+    _write_split_copies(model, plain, places)
     return plain
+
+
+def _write_split_copies(model: Any, plain: Any, places: dict[str, Place]) -> None:
+    """Write the bridge's split copies into `plain`'s fused tensors, which the Hugging Face forward reads
+    (the bridge's fused originals are what it split at boot: nothing reads or trains them since)."""
+    params = dict(plain.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            place = places.get(name)
+            if place is not None and place.index is not None:
+                flat = params[place.name].view(-1)
+                flat.index_copy_(0, place.index.flatten().to(flat.device), param.detach().flatten())
 
 
 def _drop_added(plain: Any, skeleton: Any, name: str, value: Tensor) -> None:
@@ -177,20 +251,22 @@ def _last_logits(model: Any, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 v
     return (out if torch.is_tensor(out) else out.logits)[:, -1].float().cpu()
 
 
-def _check_logits(model: Any, plain: Any, tokens: Int[Tensor, "1 pos"], expected: Float[Tensor, "1 vocab"]) -> None:
-    """The model to save computes `model`'s logits (`expected`); it would not if training changed
-    parameters only the bridge reads (split copies of a fused projection: GPT-2, GPT-NeoX, Phi-3, Bloom,
-    Falcon)."""
+def _check_logits(model: Any, plain: Any, tokens: Int[Tensor, "1 pos"], expected: Float[Tensor, "1 vocab"],
+                  unplaced: list[str]) -> None:
+    """The model to save computes `model`'s logits (`expected`). It would not if training changed copies
+    only the bridge reads that have no place in the checkpoint (`unplaced`: a fusion not in `FUSIONS`)."""
     actual = _last_logits(plain, tokens)
     tolerance = _TOLERANCE.get(next(plain.parameters()).dtype, 1e-2) * max(1.0, float(expected.abs().max()))
     gap = float((expected - actual).abs().max())
-    if gap > tolerance:
-        own = {hf_name(n) for n, _ in plain.named_parameters(remove_duplicate=False)}
-        bridge_only = [n for n, _ in model.named_parameters() if hf_name(n) not in own]
+    if not gap <= tolerance:  # a NaN gap is refused too
+        why = (f"parameters only the bridge reads, whose fusion into the checkpoint is not known for "
+               f"{_family(model)!r} (mechattr.finetune.fused.FUSIONS), and which training may have changed: "
+               f"{unplaced[:4]}" if unplaced else
+               "every parameter the bridge reads has a place in the checkpoint, so either a fusion in "
+               "mechattr.finetune.fused is wrong or the bridge computes otherwise than its Hugging Face model")
         raise ValueError(f"cannot export model {_name(model)!r}: the Hugging Face model computes other logits than "
-                         f"the bridge (max |difference| {gap:.3g} > {tolerance:.3g}). Parameters only the bridge "
-                         f"reads, which training may have changed: {bridge_only[:4] or 'none'}; only training of "
-                         "parameters the checkpoint stores can be exported.")
+                         f"the bridge (max |difference| {gap:.3g} > {tolerance:.3g}); {why}. Only training of "
+                         "parameters the checkpoint stores, or of split copies with a known fusion, can be exported.")
 
 
 def _check_fits(delta: Delta, plain: Any) -> None:

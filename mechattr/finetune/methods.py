@@ -6,6 +6,7 @@ parameters, LoRA adapters of about as many parameters (peft), or everything.
 """
 
 import copy
+import types
 import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -146,6 +147,11 @@ def plain_model(bridge: Any) -> Any:
 
     model = copy.deepcopy(bridge.original_model)
     unwrap(model)
+    for module in model.modules():
+        # TransformerLens replaces Falcon's linear layers' forward with closures over the bridge's module: a
+        # copy would go on computing with the bridge's tensors, and a reloaded model runs the class's forward.
+        if isinstance(vars(module).get("forward"), types.FunctionType):
+            del module.forward
     # Which weights these are: a delta trained on the copy (LoRA) records its coordinates from this.
     model.compatibility_mode = bool(getattr(bridge, "compatibility_mode", False))
     return model

@@ -1,0 +1,83 @@
+"""`mechattr curves`: budget curves on a task. At each budget, do the sites exact patching and AtP choose
+train better than random sites of the same parameter count (and bottom-k, LoRA, full fine-tuning)?"""
+
+import argparse
+from pathlib import Path
+
+from mechattr.cli.common import (UsageError, add_task_args, check_choice, choices_help, integers, load_model, names,
+                                 positive)
+
+__all__ = ["add"]
+
+
+def _listed(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    from mechattr.finetune.budgets import BASELINES, BudgetPlan
+
+    plan = BudgetPlan()
+    c = sub.add_parser("curves", help="budget curves: attribution-selected sites against random ones of the same "
+                                      "parameter count, with paired intervals and a verdict per budget")
+    add_task_args(c)
+    c.set_defaults(task="greater_than", n=512)  # n: examples of a task split by example (greater_than: its own)
+    c.add_argument("--heldout", type=float, default=0.5,
+                   help="share held out (a task with its own split, such as greater_than, splits its items)")
+    c.add_argument("--heads", default=_listed(plan.heads), help="head budgets, comma-separated")
+    c.add_argument("--neurons", action=argparse.BooleanOptionalAction, default=True,
+                   help="also MLP-neuron budgets of the head budgets' parameter counts")
+    c.add_argument("--seeds", default=_listed(plan.seeds), help="seeds of every point (batch order, random draws)")
+    c.add_argument("--draws", type=int, default=plan.draws, help="random site sets per seed")
+    c.add_argument("--baselines", default=",".join(plan.baselines),
+                   help=choices_help(BASELINES, "comma-separated baselines besides exact- and AtP-selected sites"))
+    c.add_argument("--steps", type=int, default=plan.config.steps, help="optimizer steps of every run")
+    c.add_argument("--lr", type=float, default=plan.config.lr, help="learning rate of the sparse methods")
+    c.add_argument("--full-lr", type=float, default=plan.full_lr, help="learning rate of full fine-tuning")
+    c.add_argument("--batch-size", type=int, default=plan.config.batch_size, help="examples per step")
+    c.add_argument("--rank-examples", type=int, default=32, help="training examples the sites are ranked on")
+    c.add_argument("--heldout-examples", type=int, default=None, help="held-out examples scored (default: all)")
+    c.add_argument("--out", required=True, help="output directory: curves.json, curves.md, curves.png")
+    c.set_defaults(run=cmd_curves)
+
+
+def _plan(args: argparse.Namespace):
+    from mechattr.finetune import TrainConfig
+    from mechattr.finetune.budgets import BASELINES, BudgetPlan
+
+    for option in ("--draws", "--steps", "--batch-size", "--rank-examples", "--heldout-examples"):
+        positive(option, getattr(args, option[2:].replace("-", "_")))
+    for name in names(args.baselines):
+        check_choice("baseline", name, BASELINES)
+    heads = integers("--heads", args.heads)
+    if min(heads) < 1:
+        raise UsageError(f"--heads are positive head counts, got {args.heads!r}")
+    return BudgetPlan(heads=tuple(heads), seeds=tuple(integers("--seeds", args.seeds)), draws=args.draws,
+                      baselines=tuple(names(args.baselines)), full_lr=args.full_lr,
+                      config=TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size))
+
+
+def cmd_curves(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from mechattr import plots
+    from mechattr.cli.finetune import split
+    from mechattr.finetune.budgets import budget_curves, rank_units
+    from mechattr.plots.finetune import plot_budget_curves
+
+    plan = _plan(args)
+    base = load_model(args)
+    train_task, heldout = split(base, args)
+    if args.heldout_examples is not None:
+        heldout = heldout.subset(slice(0, args.heldout_examples))
+    ranked = train_task.subset(slice(0, args.rank_examples))
+    print(f"ranking heads{' and neurons' if args.neurons else ''} on {ranked.n_examples} of "
+          f"{train_task.n_examples} training examples; scoring on {heldout.n_examples} held-out examples")
+    rankings, neurons = rank_units(base, ranked, plan.heads, args.neurons, progress=True)
+    curves = budget_curves(lambda: load_model(args), train_task, heldout, rankings, replace(plan, neurons=neurons))
+    out = Path(args.out)
+    curves.save(out)
+    plots.save(plot_budget_curves(curves), out / "curves.png")
+    print(curves.to_markdown())
+    print("\n".join(curves.verdicts()))
+    print(f"wrote {out}")
