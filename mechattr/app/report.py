@@ -307,9 +307,9 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
         lines += ["> **Smoke-test configuration** (`--fast`): tiny sizes; the numbers show that the pipeline "
                   "runs, not what the model does.", ""]
     elif any((tuple(config[k]) if isinstance(v, tuple) else config[k]) != v for k, v in FULL_CURVES.items()):
-        lines += [f"> Budget curves at {config['curve_heads']} head(s)"
+        lines += [f"> Budget curves at {', '.join(map(str, config['curve_heads']))} head(s)"
                   + ("" if config["curve_neurons"] else " (no neuron budgets)")
-                  + f" on {list(config['curve_tasks'])}, against {list(config['curve_baselines'])}; "
+                  + f" on {', '.join(config['curve_tasks'])}, against {', '.join(config['curve_baselines'])} sites; "
                   "`mechattr run --full` runs every budget (1-16 heads and matched neurons) on every task, "
                   "against every baseline.", ""]
     shown = {k: config[k] for k in ("networks", "trials", "data_tokens", "component_network", "top_k", "steps",
