@@ -16,7 +16,7 @@ from mechattr.forward import Forward
 from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contributions, input_hook, n_inputs,
                             output_hook, receive, receiver_groups)
 from mechattr.interventions import Intervention, Noise
-from mechattr.runs import unpatched
+from mechattr.runs import check_intervention, unpatched
 from mechattr.sites import Site, hook_name
 from mechattr.tasks import Task
 
@@ -103,6 +103,7 @@ class EdgeAblator:
     def __init__(self, model: Any, task: Task, ablation: Intervention = Noise(), edges: Sequence[Edge] | None = None):
         self.model, self.task = model, task
         self.edges = list(all_edges(model) if edges is None else edges)
+        check_intervention(task, ablation, self.edges)
         self.send = list(dict.fromkeys(e.sender for e in self.edges))
         self.recv = list(dict.fromkeys(e.receiver for e in self.edges))
         self.s_index = {s: i for i, s in enumerate(self.send)}

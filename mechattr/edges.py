@@ -18,7 +18,7 @@ from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contr
                             output_hook, receive, receiver_groups)
 from mechattr.interventions import Denoise, Intervention
 from mechattr.patching import run_cells
-from mechattr.runs import Pass, unpatched
+from mechattr.runs import Pass, check_intervention, unpatched
 from mechattr.sites import Grid, Site, hook_name, validate
 from mechattr.tasks import Task
 
@@ -71,6 +71,7 @@ def attribute_edges(model: Any, task: Task, edges: Sequence[Edge] | None = None,
         raise ValueError(f"method 'ig' estimates only Denoise() or Noise(), not {intervention.name!r}; use 'atp'")
     edges = list(all_edges(model) if edges is None else edges)
     validate(edges, model, task.n_pos)
+    check_intervention(task, intervention, edges)
     send = list(dict.fromkeys(e.sender for e in edges))
     groups = receiver_groups(model, edges)
     inputs = {input_hook(kind, layer) for kind, layer in groups}
@@ -99,6 +100,7 @@ def patch_edges(model: Any, task: Task, edges: Sequence[Edge], intervention: Int
     (new - base) contribution; the metric is read at the last position."""
     edges = list(edges)
     validate(edges, model, task.n_pos)
+    check_intervention(task, intervention, edges)
     send = list(dict.fromkeys(e.sender for e in edges))
     groups = receiver_groups(model, edges)
     layers = {layer for _, layer in groups}

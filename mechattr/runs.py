@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechattr.forward import Forward, last_logits
+from mechattr.graph import Edge
 from mechattr.interventions import INTERVENTIONS, Intervention
 from mechattr.sites import Site, hook_name, model_shape
 from mechattr.tasks import Task
@@ -54,18 +55,23 @@ def task_forward(model: Any, task: Task, run: str, resumable: bool = True) -> Fo
     return Forward(model, task.tokens(run), resumable, last=task.last, positions=task.named_positions)
 
 
-def check_intervention(task: Task, intervention: Intervention, sites: Sequence[Any]) -> None:
+def check_intervention(task: Task, intervention: Intervention, units: Sequence[Site | Edge]) -> None:
     """Refuse what would read padding: on a task of mixed lengths, an intervention that is not
-    examplewise (it combines examples, or depends on the batch) at a site spanning every position."""
+    examplewise (it combines examples, or depends on the batch) at a site spanning every position, or
+    on an edge (an edge always spans every position)."""
     if not task.ragged or intervention.examplewise:
         return
-    spanning = next((s for s in sites if isinstance(s, Site) and s.pos is None), None)
-    if spanning is not None:
-        valid = [name for name, cls in INTERVENTIONS.items() if cls.examplewise]
-        raise ValueError(f"site {spanning}: {intervention.name!r} is not examplewise, and task {task.name!r} has "
-                         "prompts of different lengths, so at every position it would mix real tokens with padding; "
-                         f"use sites at named positions ({', '.join(task.named_positions)}) or an examplewise "
-                         f"intervention ({', '.join(valid)})")
+    spanning = next((u for u in units if isinstance(u, Edge) or u.pos is None), None)
+    if spanning is None:
+        return
+    valid = ", ".join(name for name, cls in INTERVENTIONS.items() if cls.examplewise)
+    mixing = (f"{intervention.name!r} is not examplewise, and task {task.name!r} has prompts of different "
+              "lengths, so at every position it would mix real tokens with padding")
+    if isinstance(spanning, Edge):
+        raise ValueError(f"edge {spanning}: {mixing}; an edge spans every position, so use an examplewise "
+                         f"intervention ({valid})")
+    raise ValueError(f"site {spanning}: {mixing}; use sites at named positions "
+                     f"({', '.join(task.named_positions)}) or an examplewise intervention ({valid})")
 
 
 def readout(task: Task, reference: Float[Tensor, "n vocab"] | None) -> Callable[[Tensor], Tensor]:

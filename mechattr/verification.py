@@ -19,6 +19,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechattr.effects import Effects
+from mechattr.graph import Edge
 from mechattr.interventions import Intervention
 from mechattr.sites import Site
 from mechattr.tasks import Task
@@ -59,7 +60,7 @@ class Verification:
     missed_ci: tuple[float, float]  # interval of `missed` at `level`
 
     @property
-    def checked(self) -> tuple[Site, ...]:
+    def checked(self) -> tuple[Site, ...] | tuple[Edge, ...]:
         return self.exact.sites
 
     @property
@@ -72,13 +73,13 @@ class Verification:
         """Whether each checked site is important by exact patching."""
         return self.exact.effect.flatten().abs() > self.threshold * _gap(self.exact)
 
-    def disagreements(self, k: int = 5) -> list[tuple[Site, float, float, int]]:
+    def disagreements(self, k: int = 5) -> list[tuple[Site | Edge, float, float, int]]:
         """The `k` checked sites with the largest |exact - estimate|: (site, estimate, exact, estimated rank)."""
         est, exact = self.estimated_effect, self.exact.effect.flatten()
         order = (exact - est).abs().argsort(descending=True)[:k]
         return [(self.checked[i], float(est[i]), float(exact[i]), self.ranks[i]) for i in order.tolist()]
 
-    def misses(self) -> list[tuple[Site, float, float, int]]:
+    def misses(self) -> list[tuple[Site | Edge, float, float, int]]:
         """Important sites found below the top: (site, estimate, exact, estimated rank)."""
         est, exact, important = self.estimated_effect, self.exact.effect.flatten(), self.important
         return [(self.checked[i], float(est[i]), float(exact[i]), self.ranks[i])
@@ -106,7 +107,7 @@ class Verification:
         return "\n".join(lines)
 
 
-def _site_line(site: Site, estimate: float, exact: float, rank: int) -> str:
+def _site_line(site: Site | Edge, estimate: float, exact: float, rank: int) -> str:
     return f"{site} exact {exact:.3g}, estimate {estimate:.3g} (rank {rank + 1})"
 
 
@@ -166,7 +167,7 @@ def stratified_count(strata: list[Stratum], level: float) -> tuple[float, tuple[
 def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int = 40, seed: int = 0, *,
            strata: int = 4, threshold: float = 0.1, level: float = 0.95,
            intervention: Intervention | None = None) -> Verification:
-    """Exact patching of the `top` sites with the largest estimated |effect| and of `sample` sites drawn
+    """Exact patching of the `top` sites (or edges) with the largest estimated |effect| and of `sample` drawn
     (seeded, without replacement) from `strata` strata of the rest by estimated rank; how many important
     sites (|exact effect| > `threshold` x |clean - corrupt|) the estimate ranked below its top, with an
     interval at `level`, and where estimate and exact disagree.
@@ -175,6 +176,7 @@ def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int
     """
     from scipy import stats
 
+    from mechattr.edges import patch_edges
     from mechattr.interventions import by_name
     from mechattr.patching import patch
 
@@ -195,8 +197,10 @@ def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int
     if not ranks:
         raise ValueError(f"verify has nothing to check: top={top}, sample={sample}")
     checked = [estimate.sites[int(order[r])] for r in ranks]
-    # Resuming at block 0 would skip the embedding, so embed sites need full forwards.
-    exact = patch(model, task, checked, intervention, resume=not any(s.kind == "embed" for s in checked))
+    if isinstance(checked[0], Edge):
+        exact = patch_edges(model, task, checked, intervention)
+    else:  # resuming at block 0 would skip the embedding, so embed sites need full forwards
+        exact = patch(model, task, checked, intervention, resume=not any(s.kind == "embed" for s in checked))
     important = exact.effect.abs() > threshold * _gap(exact)
     rest_ranks = torch.tensor(ranks[n_top:], dtype=torch.long) - n_top
     found = important[n_top:]

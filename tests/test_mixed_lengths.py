@@ -8,8 +8,12 @@ import pytest
 import torch
 
 import mechattr
-from mechattr import Denoise, Mean, Noise, Site, attribute, grid, patch
+from mechattr import Denoise, Mean, Noise, Resample, Site, Zero, attribute, grid, patch
+from mechattr.ablation import EdgeAblator
+from mechattr.circuits import discover, edge_faithfulness, node_faithfulness
+from mechattr.edges import attribute_edges, patch_edges
 from mechattr.effects import Effects
+from mechattr.graph import Edge, all_edges
 from mechattr.forward import fast_path_verdict
 from mechattr.tasks import Task, TaskError, from_jsonl, from_prompts, ioi
 from mechattr.tasks.builtin import IOI_TEMPLATES, NAMES, OBJECTS, PLACES
@@ -150,6 +154,57 @@ def test_mean_ablation_at_a_named_position_averages_aligned_tokens(tiny):
         assert abs(float(effects.per_example[0, i]) - expected) < 1e-5
     with pytest.raises(ValueError, match=r"'mean' is not examplewise.*named positions \(B, D, END\)"):
         patch(tiny, task, [Site("resid_pre", 1)], Mean(), progress=False)
+
+
+_EDGES = [Edge(Site("embed"), Site("q", 1, head=2)), Edge(Site("z", 0, head=1), Site("mlp_out", 1)),
+          Edge(Site("mlp_out", 0), Site("resid_post", 1))]
+
+# Every path that takes an intervention and reads every position: edges, joint edge ablation, circuits
+# and verification, each called as a user would.
+_SPANNING_PATHS = {
+    "patch_edges": lambda m, t, a: patch_edges(m, t, _EDGES, a),
+    "attribute_edges": lambda m, t, a: attribute_edges(m, t, _EDGES, intervention=a),
+    "EdgeAblator": lambda m, t, a: EdgeAblator(m, t, a, _EDGES)([set()]),
+    "edge_faithfulness": lambda m, t, a: edge_faithfulness(m, t, [set(_EDGES[:1])], a, _EDGES),
+    "node_faithfulness": lambda m, t, a: node_faithfulness(m, t, [{Site("z", 0, head=1)}], a),
+    "discover nodes": lambda m, t, a: discover(m, t, "node", ablation=a, prune=False),
+    "discover edges": lambda m, t, a: discover(m, t, "edge", ablation=a, prune=False),
+    "verify sites": lambda m, t, a: mechattr.verify(m, t, attribute(m, t, grid(m, "z")), 2, 2, intervention=a),
+    "verify edges": lambda m, t, a: mechattr.verify(m, t, attribute_edges(m, t, _EDGES), 1, 1, intervention=a),
+}
+
+
+@pytest.mark.parametrize("path", _SPANNING_PATHS)
+@pytest.mark.parametrize("intervention", [Mean(), Resample()])
+def test_ablations_that_mix_examples_are_refused_on_every_path(tiny, path, intervention):
+    """On prompts of different lengths, an intervention that combines examples would average (or swap)
+    real tokens with padding at every position: each path refuses it, naming the site or edge."""
+    task = _ragged_task()
+    before = {name: p.clone() for name, p in tiny.named_parameters()}
+    with pytest.raises(ValueError, match=rf"(site|edge) .*'{intervention.name}' is not examplewise, and task "
+                                         r"'ragged' has prompts of different lengths.*padding.*examplewise "
+                                         r"intervention \(denoise, noise, zero, steer\)"):
+        _SPANNING_PATHS[path](tiny, task, intervention)
+    assert all(torch.equal(p, before[name]) for name, p in tiny.named_parameters())
+    cut = Task(task.clean[:, :5], task.corrupt[:, :5], task.answer, task.wrong)  # one length: the same call runs
+    _SPANNING_PATHS[path](tiny, cut, intervention)
+
+
+@pytest.mark.parametrize("intervention", [Noise(), Zero()])
+def test_edges_on_prompts_of_different_lengths_match_each_example_alone(tiny, intervention):
+    task = _ragged_task()
+    exact, estimate = patch_edges(tiny, task, _EDGES, intervention), attribute_edges(tiny, task, _EDGES,
+                                                                                       intervention=intervention)
+    ablated = EdgeAblator(tiny, task, intervention, _EDGES)([set(_EDGES[1:]), set()])
+    for i in range(task.n_examples):
+        alone = Task(*_alone(task, i), task.answer[i:i + 1], task.wrong[i:i + 1])
+        torch.testing.assert_close(exact.per_example[:, i], patch_edges(tiny, alone, _EDGES, intervention
+                                                                        ).per_example[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(estimate.per_example[:, i], attribute_edges(
+            tiny, alone, _EDGES, intervention=intervention).per_example[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ablated[:, i], EdgeAblator(tiny, alone, intervention, _EDGES)(
+            [set(_EDGES[1:]), set()])[:, 0], atol=1e-5, rtol=0)
+    assert exact.effect.abs().max() > 0.01
 
 
 def test_positions_every_example_lacks_are_refused(tiny):

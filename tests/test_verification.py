@@ -96,6 +96,23 @@ def test_without_a_sample_the_rest_is_unknown(gqa, tiny_task, z_sites):
     assert "0 to 80 of the 80 ranked below the top 4" in checked.summary() and "estimate unknown" in checked.summary()
 
 
+def test_an_edge_estimate_is_checked_by_exact_edge_patching(gqa, tiny_task):
+    from mechattr.edges import attribute_edges, patch_edges
+    from mechattr.graph import all_edges
+
+    edges = all_edges(gqa)[::7]  # 24 edges of every receiver kind
+    estimate = attribute_edges(gqa, tiny_task, edges)
+    checked = verify(gqa, tiny_task, estimate, top=3, sample=6, threshold=0.05)
+    assert len(checked.checked) == 9 and checked.exact.edges == checked.checked
+    order = estimate.effect.abs().argsort(descending=True, stable=True)
+    assert list(checked.checked[:3]) == [edges[int(i)] for i in order[:3]]
+    exact = patch_edges(gqa, tiny_task, list(checked.checked))
+    torch.testing.assert_close(checked.exact.per_example, exact.per_example)
+    assert exact.effect.abs().max() > 1e-3
+    worst = checked.disagreements(1)[0]
+    assert f"largest |exact - atp|: {worst[0]} exact" in checked.summary()
+
+
 def brute_interval(hits, checked, size, level):
     """The same interval from the hypergeometric probabilities written out with binomial coefficients."""
     def p(k, count):
