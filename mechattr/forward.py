@@ -30,8 +30,8 @@ from torch import Tensor
 
 from mechattr.sites import hook_name, model_name
 
-__all__ = ["Forward", "attention_reads_cache", "at_last", "last_logits", "fast_path_verdict", "FastPathWarning",
-           "TOLERANCE"]
+__all__ = ["Forward", "attention_reads_cache", "at_last", "last_logits", "final_logits", "fast_path_verdict",
+           "FastPathWarning", "TOLERANCE", "is_bridge"]
 
 # Names decoder layers give their key/value cache: transformers 5 `cache`, older code `past_key_values`,
 # GPT-NeoX, Bloom and Falcon `layer_past`.
@@ -49,7 +49,8 @@ class FastPathWarning(UserWarning):
     """The resumed forward does not reproduce a model's own logits, so it runs full forwards."""
 
 
-def _is_bridge(model: Any) -> bool:
+def is_bridge(model: Any) -> bool:
+    """Whether `model` is a `TransformerBridge`, whose blocks a forward can resume at."""
     from transformer_lens import TransformerBridge
 
     return isinstance(model, TransformerBridge)
@@ -115,7 +116,7 @@ class Forward:
         self.tokens = tokens
         self.last = last
         self.positions = dict(positions or {})
-        self.resumable = resumable and _is_bridge(model) and _VERDICTS.get(model) is None
+        self.resumable = resumable and is_bridge(model) and _VERDICTS.get(model) is None
         self.block_kwargs: list[dict[str, Any]] = []
         self.keys_values: list[tuple[Tensor, Tensor]] = []  # per layer [n, kv_heads, pos, d_head]
         self._cache_name = "cache"  # the keyword the blocks take their cache by
@@ -210,10 +211,27 @@ class Forward:
         """Each row's last token index in `copies` stacked copies holding positions start.."""
         return None if self.last is None else self.last.repeat(copies) - start
 
+    def resume(self, resid: Float[Tensor, "rows pos d_model"], start_layer: int) -> Float[Tensor, "rows pos d_model"]:
+        """The residual stream after the last block, from `resid` entering block `start_layer`: any rows of
+        this batch's length, with the block inputs `cache()` recorded. Gradients flow (training resumes
+        here); the blocks' own hooks fire."""
+        if not self.block_kwargs:
+            raise ValueError("Forward.resume needs the block inputs of a recorded forward: call cache() first")
+        if resid.shape[1] != self.tokens.shape[1]:
+            raise ValueError(f"Forward.resume: the residual has {resid.shape[1]} positions, the recorded batch "
+                             f"{self.tokens.shape[1]}")
+        cache = self._prefix_cache(resid.shape[0], start_layer, 0, per_row=True) if self.keys_values else None
+        return self._blocks(resid, start_layer, 0, cache)
+
     def _resumed(self, copies: int, start_layer: int, resid: Tensor, start_pos: int) -> Tensor:
         x = resid[:, start_pos:].repeat(copies, 1, 1)  # (rows, P - start, d_model), fresh: hooks may edit
-        rows = x.shape[0]
         cache = self._prefix_cache(copies, start_layer, start_pos) if self.keys_values else None
+        x = self._blocks(x, start_layer, start_pos, cache)
+        return last_logits(self.model, x, self._last(copies, start_pos)).float()
+
+    def _blocks(self, x: Tensor, start_layer: int, start_pos: int, cache: Any) -> Tensor:
+        """Blocks `start_layer`.. on x [rows, P - start_pos, d_model], the recorded block inputs fitted to them."""
+        rows = x.shape[0]
         with attention_reads_cache(self.model):
             for layer in range(start_layer, len(self.model.blocks)):
                 kwargs = {k: _fit(v, rows, start_pos, k) for k, v in self.block_kwargs[layer].items()}
@@ -221,15 +239,20 @@ class Forward:
                     kwargs[self._cache_name] = cache
                 out = self.model.blocks[layer](x, **kwargs)
                 x = out[0] if isinstance(out, tuple) else out
-        return last_logits(self.model, x, self._last(copies, start_pos)).float()
+        return x
 
-    def _prefix_cache(self, copies: int, start_layer: int, start_pos: int) -> Any:
-        """A cache holding the unpatched run's keys and values of positions < start_pos, per copy."""
+    def _prefix_cache(self, copies: int, start_layer: int, start_pos: int, per_row: bool = False) -> Any:
+        """A cache holding the unpatched run's keys and values of positions < start_pos, per copy (with
+        `per_row`, an empty prefix for `copies` rows of any examples)."""
         cache = _new_cache()
         for layer, (keys, values) in enumerate(self.keys_values):
             # Layers before start_layer never run; an empty prefix keeps the layer indices aligned.
             end = start_pos if layer >= start_layer else 0
-            cache.update(keys[:, :, :end].repeat(copies, 1, 1, 1), values[:, :, :end].repeat(copies, 1, 1, 1), layer)
+            if per_row:
+                keys, values = (t[:1, :, :0].expand(copies, -1, -1, -1) for t in (keys, values))
+            else:
+                keys, values = (t[:, :, :end].repeat(copies, 1, 1, 1) for t in (keys, values))
+            cache.update(keys, values, layer)
         return cache
 
 
@@ -246,7 +269,12 @@ def last_logits(model: Any, resid: Float[Tensor, "rows pos d_model"],
     its last block."""
     # Slicing, not indexing, when every row ends at -1: the same kernels as an unpadded batch.
     picked = resid[:, -1:] if last is None else at_last(resid, last)[:, None]
-    logits = model.unembed(model.ln_final(picked))[:, 0]  # (rows, vocab)
+    return final_logits(model, picked)[:, 0]  # (rows, vocab)
+
+
+def final_logits(model: Any, resid: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows pos vocab"]:
+    """The model's logits at every position of `resid`, the residual stream after its last block."""
+    logits = model.unembed(model.ln_final(resid))
     # What the bridge applies after the unembedding (Gemma 2's final soft-capping, for one).
     transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
     return transform(logits) if callable(transform) else logits

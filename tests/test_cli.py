@@ -236,7 +236,7 @@ def listed(text: str, what: str) -> list[str]:
 def test_help_lists_exactly_the_registries(capsys):
     from mechattr.attribution import METHODS
     from mechattr.circuits import LEVELS
-    from mechattr.finetune.budgets import BASELINES
+    from mechattr.finetune.methods import BASELINES
     from mechattr.finetune.data import LOSSES
     from mechattr.finetune.masks import KV_MODES
     from mechattr.finetune.methods import METHODS as FINETUNE_METHODS, TopSites

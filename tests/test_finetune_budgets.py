@@ -55,11 +55,20 @@ def test_every_method_runs_at_every_budget_with_matched_parameters(curves):
     lora = [r for r in result.rows if r["method"] == "lora"]
     trained = {(r["n_trained"], r["seed"]) for r in lora if "shared_with" not in r}
     assert len(trained) == len([r for r in lora if "shared_with" not in r])
+    key = lambda r: (r["kind"], r["budget"], r["method"], r["seed"], r["draw"])  # noqa: E731
+    runs = {key(r): r for r in result.rows}
     for r in (r for r in lora if "shared_with" in r):
-        kind, budget = r["shared_with"]
-        first = next(f for f in lora if (f["kind"], f["budget"], f["seed"]) == (kind, budget, r["seed"]))
-        assert kind != r["kind"] and (r["n_trained"], r["heldout_accuracy"]) == (first["n_trained"],
-                                                                                 first["heldout_accuracy"])
+        first = runs[tuple(r["shared_with"])]
+        assert first["kind"] != r["kind"] and "shared_with" not in first
+        assert (r["n_trained"], r["heldout_accuracy"]) == (first["n_trained"], first["heldout_accuracy"])
+    # Exact and AtP choosing the same sites train once: the AtP row is the exact run's.
+    same = [r for r in result.rows if r["method"] == "atp" and r["sites"] == runs[(*key(r)[:2], "exact",
+                                                                                       r["seed"], 0)]["sites"]]
+    assert same and all(tuple(r["shared_with"]) == (*key(r)[:2], "exact", r["seed"], 0) for r in same)
+    for r in same:
+        assert torch.equal(result.correct[key(r)], result.correct[tuple(r["shared_with"])])
+    differ = [r for r in result.rows if r["method"] == "atp" and r not in same]
+    assert all("shared_with" not in r for r in differ)
 
 
 def test_scores_are_the_trained_models_and_statistics_pair_by_seed(curves):

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from mechattr import causal
+from mechattr.finetune.methods import BASELINES
 from mechattr.sites import KINDS
 from mechattr.tasks.registry import TASKS
 
@@ -12,14 +13,14 @@ from mechattr.tasks.registry import TASKS
 CURVE_TASKS: tuple[str, ...] = ("greater_than", "ioi_distractor")
 # What `RunConfig.full()` (`mechattr run --full`) changes: every budget on every task, every baseline.
 FULL_CURVES: dict[str, Any] = dict(curve_tasks=CURVE_TASKS, curve_heads=(1, 2, 4, 8, 16), curve_neurons=True,
-                                   curve_draws=3, curve_baselines=("random", "bottom-k", "lora", "full"))
+                                   curve_draws=3, curve_baselines=BASELINES)
 
 __all__ = ["RunConfig", "CURVE_TASKS", "FULL_CURVES"]
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What `run` measures and trains; the defaults take about 25 minutes on a 2-core CPU (`full`: hours)."""
+    """What `run` measures and trains (see `mechattr.app.stages` for timings)."""
 
     model: str = "smollm2-135m"  # name for mechattr.load_model
     networks: tuple[str, ...] = ("asia", "sachs")  # networks of the input-level attribution table
@@ -53,7 +54,6 @@ class RunConfig:
     curve_rank_examples: int = 32  # training examples the sites are ranked on (exact patching and AtP)
     curve_heldout: int | None = None  # held-out examples scored (None: the whole held-out split)
     seed: int = 0  # draws data, prompts, made-up names and the train/held-out split
-    threads: int | None = 1  # torch CPU threads during the run (None: torch's default); see `run`
     fast: bool = False  # a smoke-test configuration (see `quick`); the report says so
 
     def __post_init__(self):
@@ -85,8 +85,6 @@ class RunConfig:
             bad("component_layers", f"need None (every layer) or layer indices >= 0, got {self.component_layers}")
         if self.candidates < self.top_k:
             bad("candidates", f"must be at least top_k={self.top_k}, got {self.candidates}")
-        if self.threads is not None and self.threads < 1:
-            bad("threads", f"must be None (torch's default) or at least 1, got {self.threads}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             bad("seeds", f"need one or more distinct seeds, got {self.seeds}")
         if not 0 < self.heldout < 1:

@@ -313,8 +313,9 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
                   "`mechattr run --full` runs every budget (1-16 heads and matched neurons) on every task, "
                   "against every baseline.", ""]
     shown = {k: config[k] for k in ("networks", "trials", "data_tokens", "component_network", "top_k", "steps",
-                                    "seeds", "lr", "seed", "curve_tasks", "curve_heads", "curve_seeds", "threads")}
-    lines += [f"Configuration: `{json.dumps(shown)}` (all of it in `config.json`).", "",
+                                    "seeds", "lr", "seed", "curve_tasks", "curve_heads", "curve_seeds")}
+    lines += [f"Configuration: `{json.dumps(shown)}` (all of it in `config.json`); {metrics['threads']} torch "
+              "thread(s).", "",
               "Attribution at two levels (the prompt, then the model's components), precision fine-tuning of the "
               "heads that carry a causal-direction question, and the same measurements after fine-tuning.", "",
               "## Summary", "", *_summary(metrics),

@@ -242,18 +242,10 @@ def run(config: RunConfig, out: str | Path, progress: bool = True, model: Any | 
 
     `model` is an already loaded `mechattr.load_model(config.model)` (saves loading it again; it is not
     changed). Returns the metrics written to metrics.json. A directory holding a run of another
-    configuration is refused. `config.threads` applies for the call only. One thread is the default
-    because on a CPU shared with other jobs the threads of one process wait on each other: on a 2-core
-    machine running one other job, a SmolLM2 forward pass of [8, 14] tokens took 1.7 s with one thread
-    and 12-26 s with two (0.33 s and 0.20 s when the machine was idle).
+    configuration is refused. The run uses torch's thread count (`torch.set_num_threads`, the command
+    line's `--threads`), recorded in the metrics.
     """
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        return _run_all(config, Path(out), progress, model)
-    finally:
-        torch.set_num_threads(threads)
+    return _run_all(config, Path(out), progress, model)
 
 
 def _run_all(config: RunConfig, out: Path, progress: bool, model: Any | None) -> dict[str, Any]:
@@ -282,6 +274,7 @@ def _run_all(config: RunConfig, out: Path, progress: bool, model: Any | None) ->
         metrics["tables"]["after"][network] = r.stage(f"table_after_{network}",
                                                       lambda n=network: _table(r, r.tuned, n, "after"))
     metrics["stages"] = r.log
+    metrics["threads"] = torch.get_num_threads()
     write_text(out / "report.md", render(out, metrics))
     metrics["wall_s"] = time.perf_counter() - start  # this call, report included; each stage's time is in `stages`
     write_json(out / "metrics.json", metrics)

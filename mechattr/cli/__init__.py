@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                                 parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
     for module in (run_command, grids, circuits, finetune, curves, export):
         module.add(sub)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=int, default=None,
+                             help="torch CPU threads (default: torch's, one per core); on a machine shared "
+                                  "with other busy processes, fewer threads than cores can be much faster")
     return parser
 
 
@@ -83,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else EXIT_BAD_INPUT
     run: Callable[[argparse.Namespace], None] = args.run
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         with _third_party_quiet():
             run(args)
     except _bad_input_types() as error:

@@ -15,7 +15,8 @@ def _listed(values: tuple[int, ...]) -> str:
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    from mechattr.finetune.budgets import BASELINES, BudgetPlan
+    from mechattr.finetune.budgets import BudgetPlan
+    from mechattr.finetune.methods import BASELINES
 
     plan = BudgetPlan()
     c = sub.add_parser("curves", help="budget curves: attribution-selected sites against random ones of the same "
@@ -43,7 +44,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace):
     from mechattr.finetune import TrainConfig
-    from mechattr.finetune.budgets import BASELINES, BudgetPlan
+    from mechattr.finetune.budgets import BudgetPlan
+    from mechattr.finetune.methods import BASELINES
 
     for option in ("--draws", "--steps", "--batch-size", "--rank-examples", "--heldout-examples"):
         positive(option, getattr(args, option[2:].replace("-", "_")))

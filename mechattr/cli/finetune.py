@@ -13,17 +13,11 @@ from mechattr.cli.common import (UsageError, add_task_args, check_choice, choice
 __all__ = ["add"]
 
 
-def _baselines() -> list[str]:
-    """The fine-tuning methods of the registry other than precision fine-tuning itself."""
-    from mechattr.finetune.methods import METHODS, TopSites
-
-    return [name for name, cls in METHODS.items() if cls is not TopSites]
-
-
 def add(sub: argparse._SubParsersAction) -> None:
     from mechattr.finetune import TrainConfig
     from mechattr.finetune.data import LOSSES
     from mechattr.finetune.masks import KV_MODES
+    from mechattr.finetune.methods import BASELINES
     from mechattr.selection import select
 
     f = sub.add_parser("finetune", help="train only the parameters of the top sites of saved effects")
@@ -47,8 +41,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="; ".join(f"{name}: {what}" for name, what in LOSSES.items()))
     f.add_argument("--compare", action="store_true", help="also run the baselines; writes comparison.md/.json")
     f.add_argument("--seeds", default="0,1,2", help="seeds for --compare")
-    f.add_argument("--baselines", default=",".join(_baselines()),
-                   help=choices_help(_baselines(), "with --compare, comma-separated methods to compare with"))
+    f.add_argument("--baselines", default=",".join(BASELINES),
+                   help=choices_help(BASELINES, "with --compare, comma-separated methods to compare with"))
     f.add_argument("--estimate-from", default=None,
                    help="with --compare: an attribution estimate's effects, for precision from attribution")
     f.add_argument("--out", required=True, help="output directory")
@@ -75,6 +69,7 @@ def _check(args: argparse.Namespace) -> None:
     positive("--batch-size", args.batch_size)
     from mechattr.finetune.data import LOSSES
     from mechattr.finetune.masks import KV_MODES
+    from mechattr.finetune.methods import BASELINES
 
     check_choice("--kv mode", args.kv, KV_MODES)
     check_choice("--loss", args.loss, LOSSES)
@@ -83,7 +78,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.export is not None and Path(args.export).resolve() == Path(args.out).resolve():
         raise UsageError(f"--export {args.export} must be another directory than --out")
     for name in names(args.baselines):
-        check_choice("baseline", name, _baselines())
+        check_choice("baseline", name, BASELINES)
 
 
 def _model(args: argparse.Namespace) -> Any:
@@ -96,7 +91,9 @@ def _model(args: argparse.Namespace) -> Any:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from mechattr import plots
     from mechattr.finetune import Checkpoint, Text, TopSites, TrainConfig, train
-    from mechattr.finetune.compare import UNRELATED_TEXT, Evaluation
+    from mechattr.finetune.compare import Evaluation
+    from mechattr.finetune.harness import unrelated_text
+    from mechattr.finetune.prefix import first_block
     from mechattr.finetune.memory import PeakMemory
     from mechattr.plots.finetune import plot_losses
     from mechattr.storage import write_json
@@ -112,8 +109,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                          weight_decay=args.weight_decay, loss=args.loss, seed=args.seed)
     precision = TopSites(effects, k=args.top_k, kv=args.kv, significant_only=args.significant_only)
     other = ioi(base, n=8, seed=0) if args.task != "ioi" else task_of(base, "facts", 8, 0)
-    text = Text.from_strings(base, UNRELATED_TEXT, seq_len=32, name="unrelated")
-    evaluation = Evaluation.of(base, train_task, heldout, other, text)
+    text = unrelated_text(base)
+    evaluation = Evaluation(base, train_task, heldout, other, text)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +129,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                "sites": [str(s) for s in setup.sites], "n_trained": result.n_trained,
                "coordinates": result.delta.coordinates, "trained_fraction": result.n_trained / n_params,
                "config": asdict(config),
-               "base": evaluation.base, "trained": evaluation(setup.model, train_task), "wall_s": result.wall_s,
+               "base": evaluation.base, "trained": evaluation(setup.model, first_block(setup.model, setup.masks)),
+               "wall_s": result.wall_s,
                "peak_mb": memory.peak_bytes / 2**20 if memory.peak_bytes is not None else None,
                "losses": list(result.losses)}
     write_json(out / "metrics.json", metrics, indent=1, default=str)

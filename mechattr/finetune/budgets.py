@@ -11,11 +11,13 @@ For every unit kind ("head", "neuron"), budget and seed, one run each of:
   trained-parameter count is closest to the exact run's;
 - `bottom-k`: the k sites of smallest estimated |effect|;
 - `lora`: peft LoRA whose rank gives about the exact run's parameter count (skipped, and said so, when
-  rank 1 is already more than twice the budget; a rank trained at one unit kind is reused, not retrained,
-  at the other: its row names the run in `shared_with`);
+  rank 1 is already more than twice the budget);
 
 and once per seed `full` fine-tuning as the reference. Neuron budgets default to the parameter counts
-of the head budgets (a head is ~74k parameters of SmolLM2, a neuron ~1.7k).
+of the head budgets (a head is ~74k parameters of SmolLM2, a neuron ~1.7k). A run that would repeat one
+already made (exact and AtP choosing the same sites; one LoRA rank at both unit kinds) is not trained
+again: its row names the first in `shared_with`. Every run trains the one base model, whose weights the
+harness puts back after it (`mechattr.finetune.harness`).
 
 Statistics: accuracies carry two-level percentile-bootstrap intervals over seeds and held-out examples
 (always inside [0, 1]); precision - random is paired by seed (same batch order) and example, random
@@ -40,10 +42,10 @@ from tqdm.auto import tqdm
 from mechattr.attribution import attribute
 from mechattr.effects import Effects
 from mechattr.finetune.data import Text
-from mechattr.finetune.evaluation import kl_from_base, log_probs, per_example
+from mechattr.finetune.harness import Scorer, run_trial, unrelated_text
 from mechattr.finetune.masks import n_trained
-from mechattr.finetune.methods import BottomSites, Full, LoRA, Method, RandomSites, Setup, TopSites
-from mechattr.finetune.trainer import TrainConfig, train
+from mechattr.finetune.methods import BASELINES, METHODS, Full, LoRA, Method, Setup, TopSites
+from mechattr.finetune.trainer import TrainConfig
 from mechattr.patching import patch
 from mechattr.sites import grid
 from mechattr.stats import Interval, bootstrap_accuracy, bootstrap_paired
@@ -51,10 +53,9 @@ from mechattr.storage import write_json, write_text
 from mechattr.tasks import Task
 
 __all__ = ["BudgetPlan", "BudgetCurves", "budget_curves", "rank_units", "matched_neurons", "summary_markdown",
-           "RANKINGS", "BASELINES", "UNIT_KINDS"]
+           "RANKINGS", "UNIT_KINDS"]
 
 RANKINGS = ("exact", "atp")  # the precision methods, by the ranking that chose their sites
-BASELINES = ("random", "bottom-k", "lora", "full")  # what the precision methods are compared with
 CEILING = 0.99  # held-out accuracy at which a tie says only that the task is learnt, not which sites are better
 UNIT_KINDS = ("head", "neuron")
 
@@ -74,6 +75,10 @@ class BudgetPlan:
     full_lr: float = 3e-5  # full fine-tuning's learning rate (the sparse methods' lr diverges on every weight)
     tie_margin: float = 0.05  # |precision - random| interval within this counts as a tie
 
+    def settings(self, name: str) -> dict[str, Any]:
+        """The plan's own fields of baseline `name` (`Method.against`'s settings)."""
+        return {"lora": {"targets": self.lora_targets}, "full": {"lr": self.full_lr}}.get(name, {})
+
     def __post_init__(self):
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
@@ -85,23 +90,6 @@ class BudgetPlan:
         if any(k < 1 for k in (*self.heads, *(self.neurons or ()))):
             raise ValueError(f"BudgetPlan: budgets are positive site counts, got heads={self.heads}, "
                              f"neurons={self.neurons}")
-
-
-@dataclass(frozen=True, eq=False)
-class _Measure:
-    """Everything a trained model is scored on, with the base model's values."""
-
-    heldout: Task
-    others: tuple[Task, ...]
-    text: Text
-    base_text: Tensor  # base log-probs on `text`
-
-    def __call__(self, model: Any) -> tuple[dict[str, Any], Bool[Tensor, " n"]]:
-        metric, correct = per_example(model, self.heldout)
-        scores = {"heldout_accuracy": float(correct.float().mean()), "heldout_metric": float(metric.mean()),
-                  "kl_unrelated": kl_from_base(model, self.text.tokens, self.base_text),
-                  "other_accuracy": {t.name: float(per_example(model, t)[1].float().mean()) for t in self.others}}
-        return scores, correct
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,15 +251,11 @@ def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = Tru
 
 
 def _methods(rankings: dict[str, Effects], budget: int, plan: BudgetPlan) -> list[tuple[str, Method]]:
-    baselines = plan.baselines
+    """The precision methods (one per ranking) and the plan's baselines at one budget; full fine-tuning,
+    which has no budget, runs once per seed apart."""
     methods: list[tuple[str, Method]] = [(r, TopSites(rankings[r], k=budget, tag=r)) for r in RANKINGS]
-    if "random" in baselines:
-        methods.append(("random", RandomSites(rankings["atp"])))
-    if "bottom-k" in baselines:
-        methods.append(("bottom-k", BottomSites(rankings["atp"], k=budget)))
-    if "lora" in baselines:
-        methods.append(("lora", LoRA(targets=plan.lora_targets)))
-    return methods
+    return methods + [(name, METHODS[name].against(rankings["atp"], budget, "any", **plan.settings(name)))
+                      for name in plan.baselines if name != "full"]
 
 
 def _lora_fits(model: Any, lora: LoRA, target: int) -> bool:
@@ -279,27 +263,35 @@ def _lora_fits(model: Any, lora: LoRA, target: int) -> bool:
     return n_trained(replace(lora, rank=1).build(model, 0, None).masks) <= 2 * target
 
 
+def _same_run(label: str, setup: Setup, config: TrainConfig) -> tuple:
+    """What makes two runs the same computation: what is trained (site methods: the sites, whichever
+    ranking chose them; LoRA: its size, at any unit kind), the seed and the learning rate."""
+    what = (label, n_trained(setup.masks)) if label in ("lora", "full") else tuple(sorted(map(str, setup.sites)))
+    return what, config.seed, config.lr
+
+
 def budget_curves(load: Callable[[], Any], train_task: Task, heldout: Task,
                   rankings: dict[str, dict[str, Effects]], plan: BudgetPlan = BudgetPlan(), *,
                   others: Sequence[Task] = (), text: Text | None = None, progress: bool = True) -> BudgetCurves:
     """Train every method of `plan` at every budget on `train_task` and score it on `heldout`, `others`
-    (collateral accuracy) and `text` (KL from the base model).
+    (collateral accuracy) and `text` (KL from the base model; default `harness.UNRELATED_TEXT`).
 
-    `load()` returns a fresh base model. `rankings[kind]` holds an "exact" and an "atp" `Effects` over
-    sites of that unit kind ("head": z sites, "neuron": neuron sites); the "atp" one must cover the whole
-    grid, since random and bottom-k sites are drawn from it. Kinds absent from `rankings` are skipped.
+    `load()` returns the base model; every run trains it and its weights are put back after
+    (`harness.run_trial`). `rankings[kind]` holds an "exact" and an "atp" `Effects` over sites of that
+    unit kind ("head": z sites, "neuron": neuron sites); the "atp" one must cover the whole grid, since
+    random and bottom-k sites are drawn from it. Kinds absent from `rankings` are skipped. A run that
+    would repeat one already made (exact and AtP choosing the same sites, one LoRA rank at two unit kinds)
+    is not trained again: its row names the run in `shared_with`.
     """
-    from mechattr.finetune.compare import UNRELATED_TEXT
-
     unknown = {k for k in rankings if k not in UNIT_KINDS} | {
         f"{k}.{r}" for k, v in rankings.items() for r in RANKINGS if r not in v}
     if unknown:
         raise ValueError(f"budget_curves: rankings need kinds among {UNIT_KINDS}, each with {RANKINGS}; "
                          f"missing or unknown: {sorted(unknown)}")
     model = load()
-    text = text if text is not None else Text.from_strings(model, UNRELATED_TEXT, seq_len=32, name="unrelated")
-    measure = _Measure(heldout, tuple(others), text, log_probs(model, text.tokens))
-    base, base_correct = measure(model)
+    scorer = Scorer(model, heldout, others, text if text is not None else unrelated_text(model))
+    base = {"heldout_accuracy": scorer.base.heldout_accuracy, "heldout_metric": scorer.base.heldout_metric,
+            "kl_unrelated": 0.0, "other_accuracy": scorer.base.other_accuracy()}
     budgets = {"head": plan.heads if "head" in rankings else ()}
     if "neuron" in rankings:
         budgets["neuron"] = plan.neurons if plan.neurons is not None else \
@@ -314,43 +306,45 @@ def budget_curves(load: Callable[[], Any], train_task: Task, heldout: Task,
                     for draw in range(plan.draws if label == "random" else 1):
                         jobs.append((kind, budget, label, method, seed, draw))
     if "full" in plan.baselines:
-        jobs += [("all", 0, "full", Full(lr=plan.full_lr), seed, 0) for seed in plan.seeds]
+        jobs += [("all", 0, "full", Full(**plan.settings("full")), seed, 0) for seed in plan.seeds]
 
-    rows, correct, targets, reused = [], {}, {}, {}
+    rows, correct, targets, done = [], {}, {}, {}
     with tqdm(total=len(jobs), desc="budget curves", disable=not progress) as bar:
         for kind, budget, label, method, seed, draw in jobs:
             bar.set_postfix(units=kind, budget=budget, method=label, seed=seed)
             bar.update(1)
-            fresh = load()
             target = targets.get((kind, budget))
-            if label == "lora" and not _lora_fits(fresh, method, target):
+            if label == "lora" and not _lora_fits(model, method, target):
                 note = (f"no LoRA at {budget} {kind}(s): rank 1 already trains more than twice the "
                         f"{target:,} parameters of the budget")
                 notes += [note] if note not in notes else []
                 continue
             start = time.perf_counter()
-            setup: Setup = method.build(fresh, seed * 1_000 + draw, target)
+            setup = method.build(model, seed * 1_000 + draw, target)
             if label == "exact":
                 targets[(kind, budget)] = n_trained(setup.masks)
-            shared = (label, n_trained(setup.masks), seed)  # one LoRA rank is the same run at any unit kind
-            if label == "lora" and shared in reused:
-                row, right = reused[shared]
-                rows.append({**row, "kind": kind, "budget": budget, "shared_with": [row["kind"], row["budget"]]})
-                correct[(kind, budget, label, seed, draw)] = right
+            config = method.run_config(plan.config, seed)
+            key = (kind, budget, label, seed, draw)
+            same = _same_run(label, setup, config)
+            if same in done:
+                row, first = done[same]
+                rows.append({**row, "kind": kind, "budget": budget, "method": label, "draw": draw,
+                             "shared_with": list(first)})
+                correct[key] = correct[first]
                 continue
-            config = replace(plan.config, seed=seed, lr=plan.config.lr if method.lr is None else method.lr)
-            result = train(setup.model, setup.masks, train_task, config, progress=False, sites=setup.sites)
-            scores, right = measure(setup.model)
+            trial = run_trial(setup, model, train_task, config, scorer)
             rows.append({"kind": kind, "budget": budget, "method": label, "seed": seed, "draw": draw,
-                         "lr": config.lr, "n_trained": result.n_trained, **scores, "train_s": result.wall_s,
+                         "lr": config.lr, "n_trained": trial.result.n_trained,
+                         "heldout_accuracy": trial.scores.heldout_accuracy,
+                         "heldout_metric": trial.scores.heldout_metric, "kl_unrelated": trial.scores.kl_unrelated,
+                         "other_accuracy": trial.scores.other_accuracy(), "train_s": trial.result.wall_s,
                          "wall_s": time.perf_counter() - start,  # selection, training and scoring
-                         "final_loss": result.losses[-1] if result.losses else math.nan,
+                         "final_loss": trial.result.losses[-1] if trial.result.losses else math.nan,
                          "sites": [str(s) for s in setup.sites]})
-            correct[(kind, budget, label, seed, draw)] = right.cpu()
-            if label == "lora":
-                reused[shared] = rows[-1], right.cpu()
+            correct[key] = trial.scores.correct
+            done[same] = rows[-1], key
     meta = {"task": train_task.name, "heldout": heldout.name, "n_train": train_task.n_examples,
             "n_heldout": heldout.n_examples, "others": [t.name for t in others], "budgets": budgets,
             "seeds": list(plan.seeds), "draws": plan.draws, "config": asdict(plan.config),
             "tie_margin": plan.tie_margin, "notes": notes}
-    return BudgetCurves(tuple(rows), correct, base, base_correct.cpu(), meta)
+    return BudgetCurves(tuple(rows), correct, base, scorer.base.correct, meta)

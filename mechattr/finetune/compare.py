@@ -7,38 +7,23 @@ optimizer state. `ComparisonTable` renders means and standard deviations over se
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from jaxtyping import Float
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechattr.finetune.data import Data, Text
-from mechattr.finetune.evaluation import kl_from_base, log_probs, task_scores
+from mechattr.finetune.harness import Scorer, Scores, run_trial, unrelated_text
 from mechattr.finetune.masks import n_trained
-from mechattr.finetune.memory import PeakMemory
 from mechattr.finetune.methods import Method
-from mechattr.finetune.trainer import TrainConfig, train
+from mechattr.finetune.trainer import TrainConfig
 from mechattr.models import load_model
 from mechattr.stats import mean_sd
 from mechattr.storage import write_text
 from mechattr.tasks import Task, ioi
 
-__all__ = ["ComparisonTable", "Evaluation", "compare", "UNRELATED_TEXT"]
-
-# Text unrelated to the built-in tasks, for measuring how much a method changes the model elsewhere.
-UNRELATED_TEXT = (
-    "The recipe calls for two cups of flour, a pinch of salt and three eggs beaten until smooth.",
-    "In 1969 the first crewed spacecraft landed on the Moon, and millions watched the broadcast.",
-    "To install the package, open a terminal and run the command shown in the documentation.",
-    "The orchestra tuned their instruments while the audience slowly found their seats.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose molecules.",
-    "She folded the letter carefully, placed it in an envelope and walked to the post office.",
-    "The river winds through the valley for forty miles before it reaches the sea.",
-    "Prime numbers have exactly two divisors: one and the number itself.",
-)
+__all__ = ["ComparisonTable", "Evaluation", "compare"]
 
 _COLUMNS = (  # (key, header, format)
     ("lr", "lr", "{:g}"),
@@ -103,44 +88,29 @@ class ComparisonTable:
         return directory
 
 
-@dataclass(frozen=True, eq=False)
 class Evaluation:
-    """Everything a trained model is measured against, computed once on the base model."""
+    """What `compare` (and `mechattr finetune`) measure a trained model on: held-out metric and accuracy,
+    training accuracy (for a task), KL from the base model on `text`, and the change of `other_task`'s
+    metric, all against the base model's values (`base`), computed once."""
 
-    heldout: Task
-    other_task: Task
-    text: Text
-    base_text: Float[Tensor, "n pos vocab"]  # the base model's log-probs on `text`
-    base: dict[str, float]  # base model's scores
+    def __init__(self, model: Any, data: Data, heldout: Task, other_task: Task, text: Text):
+        others = {"other": other_task, **({"train": data} if isinstance(data, Task) else {})}
+        self.scorer = Scorer(model, heldout, others, text)
+        base = self.scorer.base
+        self.base = {"heldout_metric": base.heldout_metric, "heldout_accuracy": base.heldout_accuracy,
+                     "other_metric": base.others["other"]["metric"],
+                     **({"train_accuracy": base.others["train"]["accuracy"]} if "train" in base.others else {})}
 
-    @classmethod
-    def of(cls, model: Any, data: Data, heldout: Task, other_task: Task, text: Text) -> "Evaluation":
-        scores = task_scores(model, heldout)
-        base = {"heldout_metric": scores["metric"], "heldout_accuracy": scores["accuracy"],
-                "other_metric": task_scores(model, other_task)["metric"]}
-        if isinstance(data, Task):
-            base["train_accuracy"] = task_scores(model, data)["accuracy"]
-        return cls(heldout, other_task, text, log_probs(model, text.tokens), base)
+    def row(self, scores: Scores) -> dict[str, float]:
+        """The comparison's columns from a trained model's scores."""
+        return {"heldout_metric": scores.heldout_metric, "heldout_accuracy": scores.heldout_accuracy,
+                "train_accuracy": scores.others["train"]["accuracy"] if "train" in scores.others else math.nan,
+                "kl_unrelated": scores.kl_unrelated,
+                "other_metric_change": scores.others["other"]["metric"] - self.base["other_metric"]}
 
-    def __call__(self, model: Any, data: Data) -> dict[str, float]:
-        scores = task_scores(model, self.heldout)
-        return {"heldout_metric": scores["metric"], "heldout_accuracy": scores["accuracy"],
-                "train_accuracy": task_scores(model, data)["accuracy"] if isinstance(data, Task) else float("nan"),
-                "kl_unrelated": kl_from_base(model, self.text.tokens, self.base_text),
-                "other_metric_change": task_scores(model, self.other_task)["metric"] - self.base["other_metric"]}
-
-
-def _run(method: Method, model: Any, seed: int, target: int, data: Data, config: TrainConfig,
-         evaluation: Evaluation) -> dict[str, Any]:
-    setup = method.build(model, seed, target)
-    run_config = replace(config, seed=seed, lr=config.lr if method.lr is None else method.lr)
-    with PeakMemory(next(setup.model.parameters()).device) as memory:
-        result = train(setup.model, setup.masks, data, run_config, progress=False, sites=setup.sites)
-    return {"method": method.label, "seed": seed, "lr": run_config.lr, "n_trained": result.n_trained,
-            **evaluation(setup.model, data), "wall_s": result.wall_s,
-            "final_loss": result.losses[-1] if result.losses else float("nan"),
-            "peak_mb": memory.peak_bytes / 2**20 if memory.peak_bytes is not None else float("nan"),
-            "optimizer_mb": result.optimizer_bytes / 2**20, "sites": [str(s) for s in setup.sites]}
+    def __call__(self, model: Any, layer: int | None = None) -> dict[str, float]:
+        """`model`'s columns; `layer`: the lowest block it changed (see `Scorer`), None to run it in full."""
+        return self.row(self.scorer(model, layer))
 
 
 def compare(base: str | Callable[[], Any], data: Data, heldout: Task, methods: Sequence[Method],
@@ -148,24 +118,32 @@ def compare(base: str | Callable[[], Any], data: Data, heldout: Task, methods: S
             other_task: Task | None = None, text: Text | None = None, progress: bool = True) -> ComparisonTable:
     """Train every method on `data` with `config` (each seed sets the batch order and any random choice
     of the method) and evaluate it. `base` is a model name for `mechattr.load_model` or a function
-    returning a fresh base model. The first method is the reference (it must not need a target): its
+    returning a fresh base model; every run trains that one model and its weights are put back after
+    (`harness.run_trial`). The first method is the reference (it must not need a target): its
     trained-parameter count is the target of matched baselines (random sites, LoRA). `other_task`
-    defaults to IOI, `text` to `UNRELATED_TEXT`.
+    defaults to IOI, `text` to `harness.UNRELATED_TEXT`.
     """
     if not methods:
         raise ValueError("compare needs at least one method")
-    load = (lambda: load_model(base)) if isinstance(base, str) else base
-    model = load()
+    model = load_model(base) if isinstance(base, str) else base()
     other_task = other_task if other_task is not None else ioi(model, n=8, seed=0)
-    text = text if text is not None else Text.from_strings(model, UNRELATED_TEXT, seq_len=32, name="unrelated")
-    evaluation = Evaluation.of(model, data, heldout, other_task, text)
+    text = text if text is not None else unrelated_text(model)
+    evaluation = Evaluation(model, data, heldout, other_task, text)
     rows = []
     with tqdm(total=len(seeds) * len(methods), desc="comparing", disable=not progress) as bar:
         for seed in seeds:
             target = n_trained(methods[0].build(model, seed, None).masks)
             for method in methods:
                 bar.set_postfix(method=method.label, seed=seed)
-                rows.append(_run(method, load(), seed, target, data, config, evaluation))
+                setup = method.build(model, seed, target)
+                trial = run_trial(setup, model, data, method.run_config(config, seed), evaluation.scorer)
+                rows.append({"method": method.label, "seed": seed, "lr": trial.config.lr,
+                             "n_trained": trial.result.n_trained, **evaluation.row(trial.scores),
+                             "wall_s": trial.result.wall_s,
+                             "final_loss": trial.result.losses[-1] if trial.result.losses else math.nan,
+                             "peak_mb": math.nan if trial.peak_bytes is None else trial.peak_bytes / 2**20,
+                             "optimizer_mb": trial.result.optimizer_bytes / 2**20,
+                             "sites": [str(s) for s in trial.setup.sites]})
                 bar.update(1)
     meta = {"data": getattr(data, "name", "data"), "heldout": heldout.name, "other_task": other_task.name,
             "text": text.name, "config": asdict(config), "seeds": list(seeds), "reference": methods[0].label}

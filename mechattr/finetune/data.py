@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechattr.forward import at_last
+from mechattr.finetune.prefix import Prefix, full_logits
 from mechattr.tasks import Task
 
-__all__ = ["Text", "Data", "LOSSES", "logits_of", "batch_indices", "loss"]
+__all__ = ["Text", "Data", "LOSSES", "logits_of", "batch_indices", "loss", "tokens_of"]
 
 # The task losses, with a line each for the command line's help.
 LOSSES = {"ce": "cross-entropy of the answer", "logit_diff": "minus the answer-minus-wrong logit difference"}
@@ -64,18 +64,29 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Int[Tensor, 
     return order[offset: offset + batch_size]
 
 
-def loss(model: Any, data: Data, index: Int[Tensor, " batch"], kind: str = "ce") -> Float[Tensor, ""]:
+def tokens_of(data: Data) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"] | None]:
+    """The tokens a model reads in training on `data` (a task's clean prompts), and each row's last token."""
+    return (data.tokens, None) if isinstance(data, Text) else (data.clean, data.last)
+
+
+def loss(model: Any, data: Data, index: Int[Tensor, " batch"], kind: str = "ce", *, prefix: Prefix | None = None,
+         layer: int | None = None) -> Float[Tensor, ""]:
     """Mean training loss of examples `index`: for a Task, `kind` "ce" (cross-entropy of the answer at
-    each example's last token) or "logit_diff" (minus answer-minus-wrong logit); for Text, next-token loss."""
-    if isinstance(data, Text):
-        tokens = data.tokens[index]
-        logits = logits_of(model, tokens)  # (B, P, vocab)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    each example's last token) or "logit_diff" (minus answer-minus-wrong logit); for Text, next-token loss.
+    Only the positions the loss reads are unembedded; with `prefix` (the base model's run of the data's
+    tokens, see `mechattr.finetune.prefix`) the model runs from block `layer` on."""
     if kind not in LOSSES:
         raise ValueError(f"unknown task loss {kind!r}; valid: {', '.join(LOSSES)}")
-    ends = None if data.last is None else data.last[index]  # each example's last token (prompts may differ)
-    last = at_last(logits_of(model, data.clean[index]), ends).float()  # (B, vocab)
+    tokens, ends = tokens_of(data)
+    positions = "all" if isinstance(data, Text) else "last"
+    if prefix is not None:
+        logits = prefix.logits(model, layer, index, positions)
+    else:
+        logits = full_logits(model, tokens[index], None if ends is None else ends[index], positions)
+    logits = logits.float()  # (B, P, vocab) for text, (B, vocab) for a task
+    if isinstance(data, Text):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[index][:, 1:].flatten())
     answer, wrong = data.answer[index], data.wrong[index]
     if kind == "ce":
-        return F.cross_entropy(last, answer)
-    return -(last.gather(-1, answer[:, None]) - last.gather(-1, wrong[:, None])).mean()
+        return F.cross_entropy(logits, answer)
+    return -(logits.gather(-1, answer[:, None]) - logits.gather(-1, wrong[:, None])).mean()

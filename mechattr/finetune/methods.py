@@ -8,7 +8,7 @@ parameters, LoRA adapters of about as many parameters (peft), or everything.
 import copy
 import types
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -17,9 +17,11 @@ from torch import Tensor
 
 from mechattr.effects import Effects
 from mechattr.finetune.masks import full_masks, masks, n_trained
+from mechattr.finetune.trainer import TrainConfig
 from mechattr.selection import SiteSet, select
 
-__all__ = ["Setup", "Method", "TopSites", "BottomSites", "RandomSites", "LoRA", "Full", "METHODS", "plain_model"]
+__all__ = ["Setup", "Method", "TopSites", "BottomSites", "RandomSites", "LoRA", "Full", "METHODS", "BASELINES",
+           "plain_model"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,6 +37,7 @@ class Method:
     """Base class. `target` is the trained-parameter count a matched baseline aims for."""
 
     name: ClassVar[str] = "method"
+    baseline: ClassVar[bool] = True  # compared against precision fine-tuning (which is not a baseline)
     lr: float | None = None  # learning rate for this method; None: the comparison's config
 
     @property
@@ -44,10 +47,15 @@ class Method:
     def build(self, model: Any, seed: int, target: int | None) -> Setup:
         raise NotImplementedError
 
+    def run_config(self, config: TrainConfig, seed: int) -> TrainConfig:
+        """`config` with this run's seed and, where the method sets one, its learning rate."""
+        return replace(config, seed=seed, lr=config.lr if self.lr is None else self.lr)
+
     @classmethod
-    def against(cls, effects: Effects | list[Effects], k: int, kv: str) -> "Method":
-        """This method set up to compare with precision fine-tuning of the top `k` sites of `effects`."""
-        return cls()
+    def against(cls, effects: Effects | list[Effects], k: int, kv: str, **settings: Any) -> "Method":
+        """This method set up to compare with precision fine-tuning of the top `k` sites of `effects`;
+        `settings` are fields of the method's own (LoRA's `targets`, a learning rate)."""
+        return cls(**settings)
 
 
 def _ranked(effects: Effects | list[Effects]) -> SiteSet:
@@ -61,6 +69,7 @@ class TopSites(Method):
     """Precision fine-tuning: the `k` sites of largest |effect|."""
 
     name: ClassVar[str] = "precision"
+    baseline: ClassVar[bool] = False
 
     effects: Effects | list[Effects]
     k: int = 8  # sites to train
@@ -74,8 +83,8 @@ class TopSites(Method):
         return self.tag
 
     @classmethod
-    def against(cls, effects: Effects | list[Effects], k: int, kv: str) -> Method:
-        return cls(effects, k=k, kv=kv)
+    def against(cls, effects: Effects | list[Effects], k: int, kv: str, **settings: Any) -> Method:
+        return cls(effects, k=k, kv=kv, **settings)
 
     def build(self, model, seed, target):
         sites = select(self.effects, top_k=self.k, significant_only=self.significant_only)
@@ -95,8 +104,8 @@ class BottomSites(Method):
     lr: float | None = None
 
     @classmethod
-    def against(cls, effects: Effects | list[Effects], k: int, kv: str) -> Method:
-        return cls(effects, k=k, kv=kv)
+    def against(cls, effects: Effects | list[Effects], k: int, kv: str, **settings: Any) -> Method:
+        return cls(effects, k=k, kv=kv, **settings)
 
     def build(self, model, seed, target):
         ranked = _ranked(self.effects)
@@ -115,8 +124,8 @@ class RandomSites(Method):
     lr: float | None = None
 
     @classmethod
-    def against(cls, effects: Effects | list[Effects], k: int, kv: str) -> Method:
-        return cls(effects, kv=kv)  # matches the trained-parameter count, not the number of sites
+    def against(cls, effects: Effects | list[Effects], k: int, kv: str, **settings: Any) -> Method:
+        return cls(effects, kv=kv, **settings)  # matches the trained-parameter count, not the number of sites
 
     def build(self, model, seed, target):
         pool = list(_ranked(self.effects).sites)
@@ -203,3 +212,4 @@ class Full(Method):
 
 # The registry, the reference first, then the baselines in the order comparisons list them.
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TopSites, RandomSites, BottomSites, LoRA, Full)}
+BASELINES: tuple[str, ...] = tuple(name for name, cls in METHODS.items() if cls.baseline)

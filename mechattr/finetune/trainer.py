@@ -25,8 +25,9 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechattr.finetune.data import LOSSES, Data, Text, batch_indices, loss
+from mechattr.finetune.data import LOSSES, Data, Text, batch_indices, loss, tokens_of
 from mechattr.finetune.delta import Delta, coordinates_of, probes_of
+from mechattr.finetune.prefix import Prefix, first_block
 from mechattr.runs import device_of
 from mechattr.selection import SiteSet
 from mechattr.storage import write_torch
@@ -142,6 +143,8 @@ class TrainState:
     data: Data
     step: int = 0
     losses: list[float] = field(default_factory=list)  # training loss of every step so far
+    layer: int | None = None  # the lowest block the trained entries can change (`prefix.first_block`)
+    prefix: Prefix | None = None  # the base model's run of the data's tokens, when steps resume at `layer`
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,7 +234,7 @@ def load_checkpoint(state: TrainState, path: str | Path) -> None:
 def _step(state: TrainState) -> float:
     config, entries = state.config, state.entries
     index = batch_indices(state.data.n_examples, config.batch_size, config.seed, state.step)
-    value = loss(state.model, state.data, index, config.loss)
+    value = loss(state.model, state.data, index, config.loss, prefix=state.prefix, layer=state.layer)
     value.backward()
     entries.collect_grad()
     if config.max_grad_norm is not None:
@@ -251,17 +254,41 @@ def _on_model_device(data: Data, model: Any) -> Data:
     return data.to(device)
 
 
+def _resumable_prefix(model: Any, layer: int | None, data: Data, prefix: Prefix | None) -> Prefix | None:
+    """The prefix steps resume from: `prefix` (shared by runs on the same base model) or a new one, once
+    it proves usable on `model` at `layer`; None (full forwards) otherwise."""
+    if layer is None:
+        return None
+    tokens, last = tokens_of(data)
+    if prefix is None:
+        prefix = Prefix(tokens, last)
+    elif prefix.tokens.shape != tokens.shape or not torch.equal(prefix.tokens.to(tokens.device), tokens):
+        raise ValueError(f"train: the prefix holds another batch ({tuple(prefix.tokens.shape)} tokens) than the "
+                         f"training data ({tuple(tokens.shape)})")
+    return prefix if prefix.usable(model, layer) else None
+
+
 def train(model: Any, masks: dict[str, Bool[Tensor, "..."]], data: Data, config: TrainConfig = TrainConfig(),
           callbacks: Sequence[Callback] = (), *, resume: str | Path | None = None, progress: bool = True,
-          sites: SiteSet | None = None, base_model: str | None = None) -> FinetuneResult:
+          sites: SiteSet | None = None, base_model: str | None = None, prefix: Prefix | None = None,
+          skip_frozen: bool = True) -> FinetuneResult:
     """Train the entries `masks` selects on `data` for `config.steps` steps, in place.
 
     `callbacks` get `on_start(state)`, `on_step(state)` after every step and `on_end(state)`. `resume`
     is a checkpoint written by `Checkpoint`; the model must be the untrained base model. `sites` and
     `base_model` (default: the model's config name) are recorded in the returned delta.
+
+    Steps run the blocks from the lowest one the trained entries sit in (`prefix.first_block`), on the
+    residual the untrained model computes below it, each example's computed once (`prefix`, which runs
+    of the same base model and data may share); the resumed path proves itself on the model first, else
+    steps run full forwards. Only the positions the loss reads are unembedded. `skip_frozen=False` runs
+    every block at every step (a reference path; the trained entries agree up to float rounding).
     """
     entries = TrainedEntries(model, masks)
-    state = TrainState(model, entries, _optimizer(entries.delta, config), config, _on_model_device(data, model))
+    data = _on_model_device(data, model)
+    layer = first_block(model, masks) if skip_frozen else None
+    state = TrainState(model, entries, _optimizer(entries.delta, config), config, data, layer=layer,
+                       prefix=_resumable_prefix(model, layer, data, prefix))
     if resume is not None:
         load_checkpoint(state, resume)
     callbacks = [*callbacks, *([ProgressBar()] if progress else [])]

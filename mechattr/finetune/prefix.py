@@ -1,0 +1,214 @@
+"""Frozen prefixes: what the blocks below a run's lowest trained block compute, computed once.
+
+A fine-tuning run whose trained entries all sit in blocks >= l (`first_block`) leaves the residual
+stream entering block l as the base model computes it, on every input. A `Prefix` keeps the base
+model's residual entering every block for the rows of one token batch (a task's prompts, or text),
+each row computed once, when first asked for; training and scoring then run blocks l.. only and
+unembed only the positions they read. The runs of a comparison share one `Prefix` per batch.
+
+Never silently wrong: `Prefix.check(model, layer)` runs the model at hand in full on the batch's first
+rows and compares its logits with the resumed path's. A caller uses the prefix only when they agree to
+`forward.TOLERANCE`, and otherwise runs full forwards and warns (`FastPathWarning`, naming the model and
+the miss).
+"""
+
+import warnings
+import weakref
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechattr.forward import TOLERANCE, FastPathWarning, Forward, at_last, final_logits, is_bridge, last_logits
+from mechattr.sites import hook_name, model_name
+
+__all__ = ["Prefix", "first_block", "full_logits", "Positions"]
+
+Positions = Literal["last", "all"]  # which positions' logits a reader needs
+_CHECK_ROWS = 2  # rows the resumed path is checked on, per use
+
+
+def first_block(model: Any, masks: dict[str, Bool[Tensor, "..."]]) -> int | None:
+    """The lowest block that changing the masked entries can change: the lowest block owning one
+    (n_layers when only the final norm or the unembedding does). None when the embedding is masked, or
+    any other parameter outside the blocks, or the model is not a `TransformerBridge`."""
+    if not is_bridge(model):
+        return None
+    block_of = {id(p): i for i, block in enumerate(model.blocks) for p in block.parameters()}
+    after = {id(p) for module in (model.ln_final, model.unembed) for p in module.parameters()}
+    before = {id(p) for p in model.embed.parameters()}
+    params = dict(model.named_parameters())
+    lowest = len(model.blocks)
+    for name, mask in masks.items():
+        if not mask.any():
+            continue
+        key = id(params[name])
+        if key in block_of:
+            lowest = min(lowest, block_of[key])
+        elif key in before or key not in after:  # a tied unembedding is the embedding
+            return None
+    return lowest
+
+
+def full_logits(model: Any, tokens: Int[Tensor, "n pos"], last: Int[Tensor, " n"] | None,
+                positions: Positions) -> Float[Tensor, "n *pos vocab"]:
+    """Logits of a full forward (a bridge, a Hugging Face or peft model) at each row's last token (`last`;
+    None: -1) or at every position; only the positions read are unembedded. Differentiable."""
+    if is_bridge(model) and positions == "last":
+        return last_logits(model, _final_resid(model, tokens), last)
+    if positions == "all" or not _keeps_logits(model):
+        # Any other model (a process's share of a distributed batch, a plain copy of a TL-native model) is
+        # called with tokens alone.
+        out = model(tokens)
+        out = out if torch.is_tensor(out) else out.logits
+        return out if positions == "all" else at_last(out, last)
+    ends = torch.full((tokens.shape[0],), tokens.shape[1] - 1) if last is None else last.cpu()
+    keep = ends.unique()  # sorted
+    out = model(tokens, logits_to_keep=keep.to(tokens.device)).logits  # (n, len(keep), vocab)
+    return out[torch.arange(tokens.shape[0]), torch.searchsorted(keep, ends).to(out.device)]
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether `model` is a Hugging Face model (perhaps inside peft), whose forward takes `logits_to_keep`."""
+    from transformers import PreTrainedModel
+
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return isinstance(inner, PreTrainedModel)
+
+
+def _final_resid(model: Any, tokens: Tensor) -> Tensor:
+    """The residual after a bridge's last block (with its graph when gradients are on), the unembedding
+    skipped."""
+    final, seen = hook_name("resid_post", len(model.blocks) - 1), {}
+
+    def keep(act, hook):
+        seen["resid"] = act
+        raise _Stop
+
+    with model.hooks(fwd_hooks=[(final, keep)]):
+        try:
+            model(tokens)
+        except _Stop:
+            pass
+    return seen["resid"]
+
+
+class _Stop(Exception):
+    """Raised at the last hook a forward needs: nothing after it is computed."""
+
+
+def _record(model: Any, tokens: Tensor, names: list[str]) -> list[Tensor]:
+    """Activations at hook `names` of a bridge's forward of `tokens`, which stops once it has them all."""
+    acts: dict[str, Tensor] = {}
+
+    def saver(name):
+        def save(act, hook):
+            acts[name] = act.detach().clone()
+            if len(acts) == len(names):
+                raise _Stop
+        return save
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, saver(name)) for name in names]):
+        try:
+            model(tokens)
+        except _Stop:
+            pass
+    return [acts[name] for name in names]
+
+
+class Prefix:
+    """The residual entering every block (and after the last) for each row of `tokens` [n, pos], and
+    forwards resumed from it. `last` [n]: each row's last token (None: position -1).
+
+    A row is computed by the model that first asks for it, up to the block asked for (`batch` rows at a
+    time), and deepened when a later call asks for a later block: a caller that asks for block `layer`
+    vouches that its model's blocks below `layer` are the base model's (`first_block`), so every stored
+    value is the base model's. `fill(base)` computes every row to the end at once."""
+
+    def __init__(self, tokens: Int[Tensor, "n pos"], last: Int[Tensor, " n"] | None = None, batch: int = 32):
+        self.tokens, self.last, self.batch = tokens, last, batch
+        self._resid: Tensor | None = None  # (layer, n, pos, d_model), allocated on first use
+        self._depth = torch.full((tokens.shape[0],), -1)  # per row: the deepest block input stored
+        self._forwards: "weakref.WeakKeyDictionary[Any, Forward]" = weakref.WeakKeyDictionary()
+        self._warned: set[str] = set()
+
+    @property
+    def n_examples(self) -> int:
+        return self.tokens.shape[0]
+
+    def fill(self, model: Any) -> "Prefix":
+        """Every row's residual at every block, computed by `model` (the base model)."""
+        self.resid(model, len(model.blocks), torch.arange(self.n_examples))
+        return self
+
+    def resid(self, model: Any, layer: int, index: Int[Tensor, " rows"]) -> Float[Tensor, "rows pos d_model"]:
+        """The residual entering block `layer` (n_layers: after the last block) at rows `index`; rows not yet
+        computed that deep are run through `model`'s blocks below `layer`."""
+        if not is_bridge(model):
+            raise ValueError(f"a Prefix resumes a TransformerBridge's blocks; {model_name(model)} is not one")
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        todo = index[self._depth[index] < layer].unique()
+        n_layers = len(model.blocks)
+        names = [hook_name("resid_pre", i) for i in range(n_layers)] + [hook_name("resid_post", n_layers - 1)]
+        for start in range(0, len(todo), self.batch):
+            rows = todo[start:start + self.batch]
+            acts = _record(model, self.tokens[rows.to(self.tokens.device)], names[:layer + 1])
+            if self._resid is None:
+                self._resid = acts[0].new_empty(len(names), self.n_examples, *acts[0].shape[1:])
+            for i in range(layer + 1):
+                fresh = rows[self._depth[rows] < i]  # stored values stay as they are: reruns are bit-identical
+                self._resid[i, fresh.to(self._resid.device)] = acts[i][self._depth[rows] < i]
+            self._depth[rows] = layer
+        return self._resid[layer, index.to(self._resid.device)]
+
+    def _forward(self, model: Any) -> Forward:
+        """`model`'s block inputs for this batch's length, recorded once per model on its first rows."""
+        if model not in self._forwards:
+            rows = slice(0, _CHECK_ROWS)
+            forward = Forward(model, self.tokens[rows], last=None if self.last is None else self.last[rows])
+            forward.cache()
+            self._forwards[model] = forward
+        return self._forwards[model]
+
+    def logits(self, model: Any, layer: int, index: Int[Tensor, " rows"], positions: Positions = "last"
+               ) -> Float[Tensor, "rows *pos vocab"]:
+        """`model`'s logits at rows `index`, run from the base residual entering block `layer` (at each row's
+        last token, or at every position). Differentiable in `model`'s parameters."""
+        resid = self.resid(model, layer, index)
+        forward = self._forward(model)
+        x = forward.resume(resid, layer) if layer < len(model.blocks) else resid.clone()
+        if positions == "all":
+            return final_logits(model, x)
+        index = torch.as_tensor(index, dtype=torch.long)
+        return last_logits(model, x, None if self.last is None else self.last[index.to(self.last.device)])
+
+    def check(self, model: Any, layer: int) -> str | None:
+        """None when the resumed path reproduces `model`'s own last-position logits on the first rows, run in
+        full; else what differed. A model whose blocks below `layer` differ from the base model's misses."""
+        rows = torch.arange(min(_CHECK_ROWS, self.n_examples))
+        if not self._forward(model).resumable:
+            return "cannot resume its blocks (the resumed forward failed its proof on this model)"
+        with torch.no_grad():
+            last = None if self.last is None else self.last[rows.to(self.last.device)]
+            expected = full_logits(model, self.tokens[rows.to(self.tokens.device)], last, "last").float()
+            got = self.logits(model, layer, rows).float()
+        dtype = next(model.parameters()).dtype
+        tolerance = max(1.0, float(expected.abs().max())) * TOLERANCE.get(dtype, 1e-5)
+        error = float((got - expected).abs().max())
+        if not error <= tolerance:
+            return (f"from block {layer}, the base model's residual misses the model's own last-position logits by "
+                    f"{error:.3g} (tolerance {tolerance:.2g})")
+        return None
+
+    def usable(self, model: Any, layer: int | None) -> bool:
+        """Whether `model` may run from block `layer` on this prefix (`check`); warns once per miss."""
+        if layer is None:
+            return False
+        problem = self.check(model, layer)
+        if problem is not None and problem not in self._warned:
+            self._warned.add(problem)
+            warnings.warn(f"model {model_name(model)}: {problem}; mechattr runs full forwards for it instead",
+                          FastPathWarning, stacklevel=3)
+        return problem is None
+
