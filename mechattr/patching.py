@@ -4,12 +4,14 @@ One engine serves every site kind and intervention. A *cell* is a set of (site, 
 applied together; a sweep over a grid is one cell per site. Many cells share one forward pass as rows
 of a batch (cell-major: rows j*n .. (j+1)*n-1 hold cell j's n examples). On a `TransformerBridge`,
 cells whose earliest site is in block l resume from the unpatched residual at block l: the blocks
-before it are not run at all, and only the last position is unembedded. On a task of mixed lengths
+before it are not run at all, and only the last position is unembedded. Where the model allows, a
+cell also starts at the first position it changes: its site's position, or, for a site over every
+position, the first position where its value differs from the unpatched run's (bit for bit). On a task of mixed lengths
 every example is read out at its own last token, and a site at a named position ("S2") is patched at
 each example's own index of it.
 """
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -20,7 +22,7 @@ from mechattr.effects import Effects
 from mechattr.forward import Forward
 from mechattr.interventions import Denoise, Intervention
 from mechattr.runs import check_intervention, unpatched
-from mechattr.sites import Grid, Site, hook_name, model_shape, validate
+from mechattr.sites import KINDS, Grid, Site, hook_name, model_shape, validate
 from mechattr.tasks import Task
 
 __all__ = ["patch", "Cell", "run_cells", "DEFAULT_MAX_MEMORY"]
@@ -59,14 +61,34 @@ def _at(forward: Forward, site: Site) -> Tensor | None:
     return forward.positions[site.pos]
 
 
-def _first_pos(forward: Forward, site: Site) -> int:
-    """The earliest position the site changes in any example of the batch."""
+def _spans_positions(site: Site) -> bool:
+    """Whether the site covers every position on its value's first axis after the batch ([n, pos, ...]):
+    no position given, and every axis before the position axis indexed (a pattern's head)."""
+    dims = KINDS[site.kind].dims
+    return site.pos is None and all(getattr(site, d) is not None for d in dims[:dims.index("pos")])
+
+
+def _first_pos(forward: Forward, site: Site, value: Tensor, base: Mapping[str, Tensor] | None) -> int:
+    """The earliest position the assignment changes in any example of the batch. A site over every
+    position whose value equals the base run's activation, bit for bit, on positions < p in every example
+    (a clean prompt and its corrupted copy agree up to the first changed token) changes nothing before
+    p, so p is where its patched run can start (at most the earliest last token, which is read out)."""
     at = _at(forward, site)
-    return site.first_pos if at is None else int(at.min())
+    if at is not None:
+        return int(at.min())
+    if base is None or site.hook not in base or not _spans_positions(site):
+        return site.first_pos
+    unpatched = base[site.hook][(slice(None), *site.index)]
+    if unpatched.shape != value.shape:
+        return 0
+    differs = (value != unpatched.to(value.dtype)).reshape(*value.shape[:2], -1).any(-1).any(0)  # [pos]
+    earliest_last = value.shape[1] - 1 if forward.last is None else int(forward.last.min())
+    first = int(differs.int().argmax()) if differs.any() else value.shape[1]
+    return min(first, earliest_last)
 
 
-def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None, per_batch: int
-             ) -> list[tuple[int | None, int, list[int]]]:
+def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None, per_batch: int,
+             base: Mapping[str, Tensor] | None) -> list[tuple[int | None, int, list[int]]]:
     """(resume layer, start position, cell ids) per batch. Cells are grouped by the block they resume at
     and sorted by their first position; a batch starts at its earliest cell's position."""
     keyed = []
@@ -75,7 +97,9 @@ def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] |
         layer = None if resid is None or None in layers else min(layers)
         if layer is not None and hook_name("resid_pre", layer) not in resid:
             layer = None
-        start = min(_first_pos(forward, site) for site, _ in cell) if layer is not None and forward.reuses_prefix else 0
+        start = 0
+        if layer is not None and forward.reuses_prefix:
+            start = min(_first_pos(forward, site, value, base) for site, value in cell)
         keyed.append((-1 if layer is None else layer, start, i))
     keyed.sort()
     batches = []
@@ -88,7 +112,8 @@ def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] |
 
 
 def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None = None,
-              readout: Callable[[Tensor], Tensor] | None = None, *, max_memory: int = DEFAULT_MAX_MEMORY,
+              readout: Callable[[Tensor], Tensor] | None = None, *, base: Mapping[str, Tensor] | None = None,
+              max_memory: int = DEFAULT_MAX_MEMORY,
               batch_rows: int = DEFAULT_BATCH_ROWS, progress: bool | None = None, desc: str = "patching"
               ) -> Float[Tensor, "cell example *out"]:
     """Last-position logits of the base run under each cell's assignments, [cell, example, vocab], or
@@ -97,20 +122,23 @@ def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] 
 
     `resid` maps `blocks.{l}.hook_resid_pre` to the unpatched run's activations [n, pos, d_model]; with
     it, cells resume at their earliest site's block and, where the model allows, their earliest
-    position. Batches hold about `batch_rows` rows (fewer rows start later on average; more rows run
+    position. `base` (the unpatched run's activations at the cells' hooks) lets a cell over every
+    position start where its value first differs from them. Batches hold about `batch_rows` rows (fewer rows start later on average; more rows run
     faster per row) and stay within `max_memory` bytes of activations.
     """
     n = forward.tokens.shape[0]
     memory_cells = _rows_per_batch(forward.model, forward.tokens.shape[1], max_memory) // n
     per_batch = max(1, min(memory_cells, -(-batch_rows // n)))
     out: list[Tensor | None] = [None] * len(cells)
-    for layer, start, chunk in tqdm(_batches(forward, cells, resid, per_batch), desc=desc, leave=False,
+    for layer, start, chunk in tqdm(_batches(forward, cells, resid, per_batch, base), desc=desc, leave=False,
                                     disable=True if progress is False else None, unit="batch"):
         entries: dict[str, list] = {}
         for slot, i in enumerate(chunk):
             for site, value in cells[i]:
-                # A site's position is never before its batch's start (batches start at their earliest cell).
+                # A site's position is never before its batch's start (batches start at their earliest cell);
+                # a site over every position is written from the start on (it equals the base run before).
                 rows = slice(slot * n, (slot + 1) * n)
+                value = value[:, start:] if start and _spans_positions(site) else value
                 entries.setdefault(site.hook, []).append((site.where(rows, _at(forward, site), start), value))
         hooks = [(name, _assign(e)) for name, e in entries.items()]
         logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[hook_name("resid_pre", layer)],
@@ -141,5 +169,5 @@ def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: In
                      base_hooks=[hook_name("resid_pre", layer) for layer in layers], resumable=True)
     cells = [[(site, runs.value(intervention, site))] for site in grid]
     per_example = run_cells(runs.forward, cells, runs.resid(layers) if resume else None, runs.readout(),
-                            max_memory=max_memory, progress=progress, desc=f"patching {grid.kind}")  # (cells, n)
+                            base=runs.base.acts, max_memory=max_memory, progress=progress, desc=f"patching {grid.kind}")  # (cells, n)
     return Effects.of(runs, grid, per_example, intervention, method="patch")

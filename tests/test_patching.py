@@ -107,10 +107,21 @@ def test_smollm2_grid_cells_match_hand_written_hook(smollm2, smollm2_ioi):
     sites = [Site("resid_pre", 0, pos=10), Site("resid_pre", 17, pos=10), Site("attn_out", 23, pos=14),
              Site("mlp_out", 0, pos=10), Site("resid_mid", 29, pos=14), Site("z", 23, head=3),
              Site("q", 20, head=8), Site("pattern", 17, head=4), Site("neuron", 12, neuron=7)]
-    effects = patch(smollm2, task, sites, progress=False)
+    patch(smollm2, task, sites[:1], progress=False)  # a model's first use proves the fast path (more forwards)
+    lengths = []  # positions entering the last block, per forward
+    handle = smollm2.blocks[29].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    try:
+        effects = patch(smollm2, task, sites, progress=False)
+    finally:
+        handle.remove()
     for i, site in enumerate(sites):
         expected = hand_patch(smollm2, task.corrupt, task.clean, site.hook, site.index, task.answer, task.wrong)
         torch.testing.assert_close(effects.per_example[i], expected, atol=1e-4, rtol=0)
+    # The prompts first differ at position 10, so every patched run, at a position or over every
+    # position (whose values equal the unpatched run's before 10; a pattern's query positions), starts
+    # there or later. The two full-length forwards are the unpatched runs.
+    patched = lengths[lengths.index(task.n_pos) + 2:]
+    assert lengths.count(task.n_pos) == 2 and max(patched) == task.n_pos - 10, str(lengths)
 
 
 @pytest.mark.slow
@@ -134,3 +145,4 @@ def test_smollm2_whole_residual_restores_clean_and_denoising_moves_metric(smollm
     for row in effects.per_example:
         torch.testing.assert_close(row, effects.clean, atol=1e-4, rtol=0)
     assert effects.clean_metric - effects.corrupt_metric > 4  # the IOI task separates the runs
+
