@@ -99,8 +99,14 @@ def test_a_changed_lower_block_is_caught_and_scoring_falls_back(tiny):
     model, task = mechattr.native_model(), answered_task(1)
     prefix = Prefix(task.clean, task.last).fill(model)
     assert prefix.check(model, 1) is None
+    checks, check = [], prefix.check
+    prefix.check = lambda m, layer: checks.append(layer) or check(m, layer)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        next(p for n, p in model.named_parameters() if "layers.0." in n and n.endswith("weight")).add_(0.5)
+        assert prefix.usable(model, 1)
+        next(p for n, p in params.items() if "layers.1." in n and n.endswith("weight")).add_(0.5)
+        assert prefix.usable(model, 1) and checks == [1]  # a change in block 1 leaves the proof standing
+        next(p for n, p in params.items() if "layers.0." in n and n.endswith("weight")).add_(0.5)
     assert "from block 1, the base model's residual misses the model's own last-position logits" in \
         prefix.check(model, 1)
     assert prefix.check(model, 0) is None  # block 0 itself may change: it runs

@@ -132,6 +132,7 @@ class Prefix:
         self._depth = torch.full((tokens.shape[0],), -1)  # per row: the deepest block input stored
         self._forwards: "weakref.WeakKeyDictionary[Any, Forward]" = weakref.WeakKeyDictionary()
         self._warned: set[str] = set()
+        self._verdicts: "weakref.WeakKeyDictionary[Any, dict[tuple, str | None]]" = weakref.WeakKeyDictionary()
 
     @property
     def n_examples(self) -> int:
@@ -205,7 +206,16 @@ class Prefix:
         """Whether `model` may run from block `layer` on this prefix (`check`); warns once per miss."""
         if layer is None:
             return False
-        problem = self.check(model, layer)
+        # A proof holds while the parameters it relies on, those outside blocks >= layer, are unchanged:
+        # their in-place version counters key the verdict, so runs that differ only in later blocks
+        # (the trials of one comparison) are proved once.
+        params = list(model.parameters())
+        inside = {id(p) for block in model.blocks[layer:] for p in block.parameters()}
+        key = (layer, tuple(p._version for p in params if id(p) not in inside))
+        verdicts = self._verdicts.setdefault(model, {})
+        if key not in verdicts:
+            verdicts[key] = self.check(model, layer)
+        problem = verdicts[key]
         if problem is not None and problem not in self._warned:
             self._warned.add(problem)
             warnings.warn(f"model {model_name(model)}: {problem}; mechattr runs full forwards for it instead",
