@@ -20,7 +20,7 @@ from mechattr.runs import check_intervention, unpatched
 from mechattr.sites import Site, hook_name
 from mechattr.tasks import Task
 
-__all__ = ["EdgeAblator", "ablated_metric"]
+__all__ = ["EdgeAblator"]
 
 _COPIES = 4  # circuits per ablation run: each copy holds every sender's contribution
 
@@ -138,9 +138,3 @@ class EdgeAblator:
             out.append(readout(logits).reshape(chunk.shape[0], -1))
         return torch.cat(out)
 
-
-def ablated_metric(model: Any, task: Task, circuits: Sequence[set[Edge]], ablation: Intervention = Noise(),
-                   edges: Sequence[Edge] | None = None) -> Float[Tensor, "circuit example"]:
-    """The metric [circuit, example] of the base run with every edge outside each circuit ablated
-    (see `EdgeAblator`)."""
-    return EdgeAblator(model, task, ablation, edges)(circuits)

@@ -28,7 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechattr.sites import hook_name, model_name
+from mechattr.models import model_name
+from mechattr.sites import hook_name
 
 __all__ = ["Forward", "attention_reads_cache", "at_last", "last_logits", "final_logits", "fast_path_verdict",
            "FastPathWarning", "TOLERANCE", "is_bridge"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_model", "native_model", "NativeConfig", "ModelNotAvailable", "DEFAULT_MODEL", "DTYPES",
+__all__ = ["load_model", "model_name", "native_model", "NativeConfig", "ModelNotAvailable", "DEFAULT_MODEL", "DTYPES",
            "parse_dtype", "parse_device", "checkpoint_of"]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -55,6 +55,13 @@ class NativeConfig:
     d_vocab: int = 50  # vocabulary size
     act_fn: str = "gelu"  # MLP nonlinearity
     seed: int = 0  # weight initialisation seed
+
+
+def model_name(model: Any) -> str:
+    """How errors, warnings and files name a model: its config's name (a Hugging Face id or folder),
+    else its class's."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    return str(getattr(cfg, "model_name", None) or getattr(cfg, "_name_or_path", None) or type(model).__name__)
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:

@@ -18,7 +18,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Site", "SiteKind", "KINDS", "AUXILIARY", "hook_name", "Grid", "grid", "model_shape", "model_name",
+from mechattr.models import model_name
+
+__all__ = ["Site", "SiteKind", "KINDS", "AUXILIARY", "hook_name", "Grid", "grid", "model_shape",
            "validate", "available_kinds"]
 
 
@@ -197,11 +199,6 @@ def _as_sites(items: Iterable[Any]) -> Iterable[Site]:
         else:  # an edge
             yield item.sender
             yield item.receiver
-
-
-def model_name(model: Any) -> str:
-    """How errors and warnings name a model: its config's name (a Hugging Face id or folder)."""
-    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
 
 
 # Per model, per kind: None when sites of the kind can be patched, else why not (computed on first use).

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from mechattr.finetune.delta import CHECKPOINT, COMPAT, Delta, coordinates_of
 from mechattr.finetune.fused import FUSIONS, Place, checkpoint_places, skeleton, variant
+from mechattr.models import ModelNotAvailable, checkpoint_of, model_name
 from mechattr.storage import write_json
 
 __all__ = ["export", "checkpoint_delta", "INFO_FILE", "DELTA_FILE"]
@@ -80,7 +81,7 @@ def _place(places: dict[str, Place], name: str, delta: Delta, model: Any) -> Pla
     if name in places:
         return places[name]
     if name not in dict(model.named_parameters()):
-        raise ValueError(f"delta parameter {name!r} {delta.shapes[name]} is not a parameter of model {_name(model)!r}")
+        raise ValueError(f"delta parameter {name!r} {delta.shapes[name]} is not a parameter of model {model_name(model)!r}")
     raise ValueError(f"delta parameter {name!r} {delta.shapes[name]} is a copy only the bridge reads (split from a "
                      f"fused projection when it booted), and how {_family(model)!r} fuses it back into the checkpoint "
                      f"is not known (mechattr.finetune.fused.FUSIONS knows {', '.join(FUSIONS)}), so the delta has "
@@ -120,7 +121,7 @@ def export(model: Any, directory: str | Path, delta: Delta | None = None, base_m
     Hugging Face model is checked to compute the model's last-position logits on a probe prompt.
     """
     if coordinates_of(model) == COMPAT:
-        raise ValueError(f"cannot export model {_name(model)!r}: it is a bridge in compatibility mode, whose weights "
+        raise ValueError(f"cannot export model {model_name(model)!r}: it is a bridge in compatibility mode, whose weights "
                          "are processed (LayerNorm folded in, unembedding centred) and are not the checkpoint's, so "
                          f"a Hugging Face model saved from them computes other logits. {_HOW}")
     tokens = _probe(model)
@@ -136,7 +137,7 @@ def export(model: Any, directory: str | Path, delta: Delta | None = None, base_m
     _check_logits(model, plain, tokens, expected, [n for n, _ in model.named_parameters() if n not in places])
     if hf_delta is not None:
         _check_fits(hf_delta, plain)
-    base = base_model or (delta.base_model if delta is not None else "") or _name(model)
+    base = base_model or (delta.base_model if delta is not None else "") or model_name(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     info = {"format": _FORMAT, "base_model": base, "base_checkpoint": _checkpoint(base), "coordinates": CHECKPOINT,
             "architecture": type(plain).__name__, "dtype": str(next(plain.parameters()).dtype).removeprefix("torch."),
@@ -156,14 +157,7 @@ def export(model: Any, directory: str | Path, delta: Delta | None = None, base_m
     return _write_folder(Path(directory), write)
 
 
-def _name(model: Any) -> str:
-    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-    return str(getattr(cfg, "model_name", None) or getattr(cfg, "_name_or_path", None) or type(model).__name__)
-
-
 def _checkpoint(base: str) -> str | None:
-    from mechattr.models import ModelNotAvailable, checkpoint_of
-
     try:
         return checkpoint_of(base)
     except (ModelNotAvailable, OSError):  # a base this machine cannot locate is still recorded by name
@@ -189,7 +183,7 @@ def _plain(model: Any, places: dict[str, Place]) -> Any:
     own, held = set(architecture.state_dict()), plain.state_dict()
     missing = sorted(own - set(held))
     if missing:
-        raise ValueError(f"cannot export model {_name(model)!r}: the bridge's {type(plain).__name__} lacks "
+        raise ValueError(f"cannot export model {model_name(model)!r}: the bridge's {type(plain).__name__} lacks "
                          f"{missing[:3]}")
     for name in sorted(set(held) - own):
         _drop_added(plain, architecture, name, held[name])
@@ -264,7 +258,7 @@ def _check_logits(model: Any, plain: Any, tokens: Int[Tensor, "1 pos"], expected
                f"{unplaced[:4]}" if unplaced else
                "every parameter the bridge reads has a place in the checkpoint, so either a fusion in "
                "mechattr.finetune.fused is wrong or the bridge computes otherwise than its Hugging Face model")
-        raise ValueError(f"cannot export model {_name(model)!r}: the Hugging Face model computes other logits than "
+        raise ValueError(f"cannot export model {model_name(model)!r}: the Hugging Face model computes other logits than "
                          f"the bridge (max |difference| {gap:.3g} > {tolerance:.3g}); {why}. Only training of "
                          "parameters the checkpoint stores, or of split copies with a known fusion, can be exported.")
 

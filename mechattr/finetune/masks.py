@@ -24,6 +24,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from mechattr.finetune.layouts import Layout, find_layout, unused_parameters
+from mechattr.models import model_name
 from mechattr.sites import Site, model_shape, validate
 
 __all__ = ["masks", "n_trained", "full_masks", "union", "KV_MODES"]
@@ -78,10 +79,10 @@ def _mark_slices(out, params, model: Any, layout: Layout, layer: int, role: str,
         if name not in params:
             if part.optional:
                 continue
-            raise ValueError(f"model {_model_name(model)!r}: layout {layout.name!r} expects parameter {name!r}, "
+            raise ValueError(f"model {model_name(model)!r}: layout {layout.name!r} expects parameter {name!r}, "
                              "which the model lacks")
         if params[name].shape[part.axis] != n_units * width:
-            raise ValueError(f"model {_model_name(model)!r}: parameter {name!r} has {params[name].shape[part.axis]} "
+            raise ValueError(f"model {model_name(model)!r}: parameter {name!r} has {params[name].shape[part.axis]} "
                              f"entries along axis {part.axis}, but {n_units} {role} units of {width} need "
                              f"{n_units * width} (layout {layout.name!r}; the model's config disagrees with its weights)")
         if unit is None:
@@ -100,10 +101,6 @@ def _mark_blocks(out, params, layout: Layout, layer: int, role: str) -> None:
             _mark(out, params, name, None)
 
 
-def _model_name(model: Any) -> str:
-    return str(getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__)
-
-
 def masks(model: Any, sites: Iterable[Site], kv: str = "any") -> dict[str, Bool[Tensor, "..."]]:
     """{parameter name: bool mask shaped like it} for the entries the sites own (see module doc).
 
@@ -119,7 +116,7 @@ def masks(model: Any, sites: Iterable[Site], kv: str = "any") -> dict[str, Bool[
     out: dict[str, Tensor] = {}
     for site in sites:
         if site.kind == "neuron" and layout.no_neurons:
-            raise ValueError(f"site {site}: neuron sites cannot be masked on model {_model_name(model)!r} "
+            raise ValueError(f"site {site}: neuron sites cannot be masked on model {model_name(model)!r} "
                              f"(layout {layout.name!r}): {layout.no_neurons}")
         for role, unit in _units(site, shape, kv):
             if role == "embed":

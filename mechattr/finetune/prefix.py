@@ -21,7 +21,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechattr.forward import TOLERANCE, FastPathWarning, Forward, at_last, final_logits, is_bridge, last_logits
-from mechattr.sites import hook_name, model_name
+from mechattr.models import model_name
+from mechattr.sites import hook_name
 
 __all__ = ["Prefix", "first_block", "full_logits", "Positions"]
 
