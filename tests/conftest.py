@@ -1,5 +1,11 @@
 import os
 
+# `make test` runs pytest-xdist workers: each takes its share of the cores, and so do the processes a
+# test starts (notebook kernels, the README's commands); cores oversubscribed by OpenMP threads run
+# several times slower. Set before torch is imported.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -7,6 +13,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 
 import mechattr  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist, a module's tests run on one worker (its module fixtures are computed once)
+    unless they name a group of their own; the modules with tests that load SmolLM2 go first, so the
+    workers share the long ones and finish together."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +36,16 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_ioi(smollm2):
     return mechattr.tasks.ioi(smollm2, n=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def quick_run(smollm2, tmp_path_factory):
+    """The main job's quick configuration, run once: (output directory, metrics). Tests that change the
+    directory work on a copy."""
+    from mechattr.app import RunConfig, run
+
+    out = tmp_path_factory.mktemp("run")
+    return out, run(RunConfig.quick(), out, progress=False, model=smollm2)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ from mechattr.finetune import Delta
 from mechattr.finetune.budgets import BudgetCurves
 from mechattr.tasks import cause_effect
 
+pytestmark = pytest.mark.xdist_group("quick_run")  # with the README's example run, which resumes the quick run
+
 
 @pytest.mark.parametrize("changes, field, options", [
     ({"networks": ("asia", "asai")}, "networks", "sachs"),
@@ -41,12 +43,6 @@ def test_directory_of_another_configuration_is_refused(tmp_path):
 def test_config_json_roundtrip():
     config = RunConfig.quick(seeds=(3, 1), lr=3e-4)
     assert RunConfig.from_json(json.dumps(vars(config))) == config
-
-
-@pytest.fixture(scope="module")
-def quick_run(smollm2, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    return out, run(RunConfig.quick(), out, progress=False, model=smollm2)
 
 
 def _report_cells(report: str, first_cell: str) -> list[str]:

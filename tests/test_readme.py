@@ -3,6 +3,7 @@
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-# Long jobs, shortened for the suite (the rest runs as written): the main job's quick configuration,
-# exact grids over three layers, fine-tuning for 2 steps on one seed, and budget curves of 1 head, 1 step.
+# Long jobs, shortened for the suite (the rest runs as written): the main job's quick configuration
+# (resumed from the suite's own quick run, which test_app checks stage by stage), exact grids over three
+# layers, fine-tuning for 2 steps on one seed, and budget curves of 1 head, 1 step.
 SHORTER = {"run": ["--quick"], "patch": ["--layers", "0,17,29"], "finetune": ["--steps", "2"],
            "curves": ["--heads", "1", "--no-neurons", "--seeds", "0,1", "--draws", "1", "--baselines", "random",
                       "--steps", "1", "--rank-examples", "4", "--heldout-examples", "16"]}
@@ -69,10 +71,16 @@ def shortened(line: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_examples_run_in_order_without_warnings(tmp_path):
-    # Each command uses every core, as a user's would; torchrun's processes take one thread each.
+@pytest.mark.xdist_group("quick_run")
+def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
+    # Each command uses the threads this process may use (every core, or a test worker's share);
+    # torchrun's processes take one thread each.
+    # `mechattr run` finds its stages done in its output directory (a copy of the quick run) and writes
+    # the report from their records: the command and its resuming are what is checked here.
+    run_out = tmp_path / "runs" / "main"
+    shutil.copytree(quick_run[0], run_out)
+    (run_out / "report.md").unlink()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    env.pop("OMP_NUM_THREADS", None)
     first, recipe = blocks("python")
     for python in (first, recipe):
         done = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True,
@@ -89,6 +97,9 @@ def test_the_examples_run_in_order_without_warnings(tmp_path):
         assert done.returncode == 0, f"{' '.join(line)}:\n{done.stderr[-3000:]}"
         if line[0] == "mechattr":  # torchrun itself prints a notice about OMP_NUM_THREADS
             assert "Warning" not in done.stderr, f"{' '.join(line)}:\n{done.stderr[-3000:]}"
+        if line[:2] == ["mechattr", "run"]:
+            assert "mechattr run:" not in done.stderr, f"a stage was computed again:\n{done.stderr[-3000:]}"
+            assert (run_out / "report.md").is_file()
         out = dict(zip(line, line[1:])).get("--out")
         assert out is None or (tmp_path / out).is_dir(), f"{' '.join(line)} wrote no {out}"
     assert (tmp_path / "runs/ioi_check/verification.json").is_file()
