@@ -23,7 +23,7 @@ demo: .venv/installed
 # Two workers keep two cores busy (most tests are small and single-threaded); each takes its share of the
 # threads and runs whole modules, the ones with long tests first (tests/conftest.py).
 test: .venv/installed
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --no-loadscope-reorder
 
 # Re-execute every notebook in place, full size, with inline figures.
 notebooks: .venv/installed

@@ -15,14 +15,24 @@ import pytest  # noqa: E402
 import mechattr  # noqa: E402
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+# Tests of other modules that use a module's long session fixture run on that module's worker.
+_RUN_WITH = {"tests/test_readme.py::test_the_examples_run_in_order_without_warnings": "tests/test_app.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist runs whole modules on one worker (their module fixtures are computed once), in the
+    order collected, with `_RUN_WITH`'s tests joining their module."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _RUN_WITH.get(nodeid, nodeid.split("::", 1)[0])
+
+    return ByModule(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist, a module's tests run on one worker (its module fixtures are computed once)
-    unless they name a group of their own; the modules with tests that load SmolLM2 go first, so the
-    workers share the long ones and finish together."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """The tests that load SmolLM2 first, so the workers share the long modules and finish together."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

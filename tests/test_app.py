@@ -16,8 +16,6 @@ from mechattr.finetune import Delta
 from mechattr.finetune.budgets import BudgetCurves
 from mechattr.tasks import cause_effect
 
-pytestmark = pytest.mark.xdist_group("quick_run")  # with the README's example run, which resumes the quick run
-
 
 @pytest.mark.parametrize("changes, field, options", [
     ({"networks": ("asia", "asai")}, "networks", "sachs"),

@@ -71,7 +71,6 @@ def shortened(line: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_run")
 def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
     # Each command uses the threads this process may use (every core, or a test worker's share);
     # torchrun's processes take one thread each.
