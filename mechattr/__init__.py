@@ -2,8 +2,8 @@
 
 The package in layers, each built on the ones before it:
 
-- the engine: `models` (loading), `families` (the architectures checked), `sites`, `interventions`,
-  `tasks`, `forward` (resumed forwards), `runs` (a task's two unpatched runs), `patching`, `effects`
+- the engine: `models` (loading, and the facts the engine reads off a model), `gguf` (GGUF files),
+  `families` (the architectures checked), `sites`, `interventions`, `tasks`, `forward` (resumed forwards), `runs` (a task's two unpatched runs), `patching`, `effects`
   (labelled results), `graph` (nodes and edges), `sweeps` and `distributed` (scale);
 - the estimates: `attribution`, `edges`, `ablation`, `circuits`, `verification`, `selection`;
 - shared: `stats`, `storage`;

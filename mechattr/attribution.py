@@ -24,8 +24,9 @@ from torch import Tensor
 
 from mechattr.effects import Effects
 from mechattr.interventions import INTERVENTIONS, Denoise, Intervention
-from mechattr.runs import Pass, Runs, check_intervention, final_hook, gradient_pass, unpatched
-from mechattr.sites import KINDS, Grid, Site, hook_name, model_shape, validate
+from mechattr.models import final_hook, model_shape
+from mechattr.runs import Pass, Runs, check_intervention, gradient_pass, unpatched
+from mechattr.sites import KINDS, Grid, Site, hook_name, validate
 from mechattr.tasks import Task
 
 __all__ = ["attribute", "METHODS"]

@@ -29,9 +29,10 @@ from mechattr.edges import attribute_edges
 from mechattr.effects import normalize
 from mechattr.graph import Edge, all_edges, nodes, unit_from_json
 from mechattr.interventions import Intervention, Noise
+from mechattr.models import model_shape
 from mechattr.patching import run_cells
 from mechattr.runs import Runs, unpatched
-from mechattr.sites import Site, hook_name, model_shape
+from mechattr.sites import Site, hook_name
 from mechattr.storage import write_json
 from mechattr.tasks import Task
 

@@ -15,8 +15,9 @@ import torch.distributed as dist
 from mechattr.attribution import attribute as _attribute
 from mechattr.effects import Effects
 from mechattr.interventions import Denoise, Intervention
+from mechattr.models import model_shape
 from mechattr.patching import patch as _patch
-from mechattr.sites import Grid, Site, model_shape, validate
+from mechattr.sites import Grid, Site, validate
 from mechattr.sweeps import Piece, check_splittable, join
 from mechattr.tasks import Task
 

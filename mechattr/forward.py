@@ -28,11 +28,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechattr.models import model_name
+from mechattr.models import is_bridge, model_name
 from mechattr.sites import hook_name
 
 __all__ = ["Forward", "attention_reads_cache", "at_last", "last_logits", "final_logits", "fast_path_verdict",
-           "FastPathWarning", "TOLERANCE", "is_bridge"]
+           "FastPathWarning", "TOLERANCE"]
 
 # Names decoder layers give their key/value cache: transformers 5 `cache`, older code `past_key_values`,
 # GPT-NeoX, Bloom and Falcon `layer_past`.
@@ -48,13 +48,6 @@ _VERDICTS: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDiction
 
 class FastPathWarning(UserWarning):
     """The resumed forward does not reproduce a model's own logits, so it runs full forwards."""
-
-
-def is_bridge(model: Any) -> bool:
-    """Whether `model` is a `TransformerBridge`, whose blocks a forward can resume at."""
-    from transformer_lens import TransformerBridge
-
-    return isinstance(model, TransformerBridge)
 
 
 def _first_row(value: Any, n: int, name: str, heads: int) -> Any:

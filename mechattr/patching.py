@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from mechattr.effects import Effects
 from mechattr.forward import Forward
 from mechattr.interventions import Denoise, Intervention
+from mechattr.models import model_shape
 from mechattr.runs import check_intervention, unpatched
-from mechattr.sites import KINDS, Grid, Site, hook_name, model_shape, validate
+from mechattr.sites import KINDS, Grid, Site, hook_name, validate
 from mechattr.tasks import Task
 
 __all__ = ["patch", "Cell", "run_cells", "DEFAULT_MAX_MEMORY"]

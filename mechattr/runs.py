@@ -26,10 +26,11 @@ from torch import Tensor
 from mechattr.forward import Forward, last_logits
 from mechattr.graph import Edge
 from mechattr.interventions import INTERVENTIONS, Intervention
-from mechattr.sites import Site, hook_name, model_shape
+from mechattr.models import device_of, final_hook
+from mechattr.sites import Site, hook_name
 from mechattr.tasks import Task
 
-__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "readout", "final_hook", "other_run", "device_of",
+__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "readout", "other_run",
            "task_forward", "check_intervention"]
 
 
@@ -38,16 +39,6 @@ def other_run(run: str) -> str:
     if run not in ("clean", "corrupt"):
         raise ValueError(f"run must be 'clean' or 'corrupt', got {run!r}")
     return "clean" if run == "corrupt" else "corrupt"
-
-
-def final_hook(model: Any) -> str:
-    """The residual stream after the last block, which the unembedding reads."""
-    return hook_name("resid_post", model_shape(model)["n_layers"] - 1)
-
-
-def device_of(model: Any) -> torch.device:
-    """Where a model's inputs go: the device of its first parameter (the token embedding)."""
-    return next(model.parameters()).device
 
 
 def task_forward(model: Any, task: Task, run: str, resumable: bool = True) -> Forward:

@@ -11,17 +11,15 @@ across its examples (`Task.named_positions`, e.g. "S2"), which each example has 
 """
 
 import itertools
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from mechattr.models import model_name
+from mechattr.models import hook_problem, model_name, model_shape
 
-__all__ = ["Site", "SiteKind", "KINDS", "AUXILIARY", "hook_name", "Grid", "grid", "model_shape",
-           "validate", "available_kinds"]
+__all__ = ["Site", "SiteKind", "KINDS", "AUXILIARY", "hook_name", "Grid", "grid", "validate", "available_kinds"]
 
 
 @dataclass(frozen=True)
@@ -154,37 +152,34 @@ class Site:
         return f"{self.kind}[{' '.join(parts)}]"
 
 
-def model_shape(model: Any) -> dict[str, int]:
-    """Layer, head, key/value-head and MLP sizes from a TransformerLens config (bridge or legacy)."""
-    cfg = model.cfg
-    n_heads = cfg.n_heads
-    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
-    return {"n_layers": cfg.n_layers, "n_heads": n_heads, "n_kv_heads": n_kv, "d_mlp": cfg.d_mlp, "n_ctx": cfg.n_ctx}
-
-
 def validate(sites: Iterable[Any], model: Any, n_pos: int | None = None) -> None:
     """Raise a ValueError naming the first site that does not exist in `model` (or in prompts of `n_pos`):
     a kind the model lacks or cannot be patched at, or an index out of range. Edges are checked by their
-    sender and receiver; named positions by the task (`Task.check_positions`)."""
+    sender and receiver; named positions by the task (`Task.check_positions`). The first check of a
+    kind on a model runs the model once (`models.hook_problem`)."""
     shape = model_shape(model)
     for site in _as_sites(sites):
         problem = _kind_problem(model, site.kind)
         if problem is not None:
             raise ValueError(f"site {site}: site kind {site.kind!r} is not available on model {model_name(model)}: "
                              f"{problem}; valid kinds on this model: {', '.join(available_kinds(model))}")
-        spec = KINDS[site.kind]
-        checks = [("layer", site.layer, shape["n_layers"], "n_layers")]
-        if spec.heads:
-            key = "n_heads" if spec.heads == "query" else "n_kv_heads"
-            checks.append(("head", site.head, shape[key], key))
-        if spec.width:
-            checks.append(("neuron", site.neuron, shape["d_mlp"], "d_mlp"))
-        if n_pos is not None and not isinstance(site.pos, str):
-            checks.append(("pos", site.pos, n_pos, "prompt length in tokens"))
-        for name, value, bound, what in checks:
-            if value is not None and not 0 <= value < bound:
-                raise ValueError(f"site {site}: {name} {value} out of range; the model has {what} = {bound} "
-                                 f"(valid {name}s 0..{bound - 1})")
+        _check_ranges(site, shape, n_pos)
+
+
+def _check_ranges(site: Site, shape: dict[str, int], n_pos: int | None) -> None:
+    spec = KINDS[site.kind]
+    checks = [("layer", site.layer, shape["n_layers"], "n_layers")]
+    if spec.heads:
+        key = "n_heads" if spec.heads == "query" else "n_kv_heads"
+        checks.append(("head", site.head, shape[key], key))
+    if spec.width:
+        checks.append(("neuron", site.neuron, shape["d_mlp"], "d_mlp"))
+    if n_pos is not None and not isinstance(site.pos, str):
+        checks.append(("pos", site.pos, n_pos, "prompt length in tokens"))
+    for name, value, bound, what in checks:
+        if value is not None and not 0 <= value < bound:
+            raise ValueError(f"site {site}: {name} {value} out of range; the model has {what} = {bound} "
+                             f"(valid {name}s 0..{bound - 1})")
 
 
 def available_kinds(model: Any) -> list[str]:
@@ -201,47 +196,12 @@ def _as_sites(items: Iterable[Any]) -> Iterable[Site]:
             yield item.receiver
 
 
-# Per model, per kind: None when sites of the kind can be patched, else why not (computed on first use).
-_KIND_PROBLEMS: "weakref.WeakKeyDictionary[Any, dict[str, str | None]]" = weakref.WeakKeyDictionary()
-
-
 def _kind_problem(model: Any, kind: str) -> str | None:
-    known = _KIND_PROBLEMS.setdefault(model, {})
-    if kind not in known:  # the bridge rebuilds `hook_dict` on every access: read it once per kind
-        hooks = getattr(model, "hook_dict", None)
-        # Not a TransformerLens model: its hooks are checked when the run asks for them.
-        known[kind] = None if hooks is None else _find_kind_problem(model, kind, hooks)
-    return known[kind]
-
-
-def _find_kind_problem(model: Any, kind: str, hooks: dict[str, Any]) -> str | None:
-    import torch
-
-    hook = hook_name(kind, 0)
-    if hook not in hooks:
-        parallel = kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False)
-        why = " (parallel attention: attention and MLP both read the block's input, so there is no " \
-              "residual stream between them)" if parallel else ""
-        return f"it has no hook {hook}{why}"
-    # A hook the bridge fires for observation only (some attention implementations compute their
-    # pattern internally) would make every patch there a silent no-op. Whether the model uses what the
-    # hook returns is a property of the graph, not of the weights: add a zero that requires a gradient
-    # and ask autograd whether the logits depend on it.
-    tokens = torch.zeros((1, 3), dtype=torch.long, device=next(model.parameters()).device)
-    probes = []
-
-    def probe(act, hook):
-        probes.append(torch.zeros_like(act, requires_grad=True))
-        return act + probes[-1]
-
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, probe)]):
-        logits = model(tokens)
-        if not probes:
-            return f"its hook {hook} never fires"
-        used = logits.requires_grad and torch.autograd.grad(logits.sum(), probes[:1], allow_unused=True)[0] is not None
-    if not used:
-        return f"its hook {hook} is read-only (the model does not use what the hook returns)"
-    return None
+    problem = hook_problem(model, hook_name(kind, 0))
+    if problem is not None and kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):
+        problem += (" (parallel attention: attention and MLP both read the block's input, so there is no "
+                    "residual stream between them)")
+    return problem
 
 
 @dataclass(frozen=True)
@@ -298,5 +258,7 @@ def grid(model: Any, kind: str, n_pos: int | Sequence[int | str] | None = None, 
     sites = tuple(Site(kind, **dict(zip(names, combo))) for combo in itertools.product(*(v for _, v in axes)))
     if not sites:
         raise ValueError(f"the {kind!r} grid is empty: {dict((a, v) for a, v in axes if not v)}")
-    validate(sites, model, n_pos if isinstance(n_pos, int) else None)
+    # Only the ranges: whether the model can be patched at this kind is checked when a run uses the grid.
+    for site in sites:
+        _check_ranges(site, shape, n_pos if isinstance(n_pos, int) else None)
     return Grid(kind=kind, axes=names, shape=tuple(len(v) for _, v in axes), sites=sites)

@@ -383,7 +383,7 @@ def test_export_command_rebuilds_the_model_from_a_saved_delta(tiny_export, folde
 @pytest.mark.slow
 def test_smollm2_round_trip(smollm2_export):
     model, result, out = smollm2_export
-    checkpoint = mechattr.models.cache_dir() / f"smollm2-135m-{mechattr.models.smollm2_gguf().stat().st_size}"
+    checkpoint = mechattr.gguf.cache_dir() / f"smollm2-135m-{mechattr.gguf.smollm2_gguf().stat().st_size}"
     assert json.loads((out / INFO_FILE).read_text())["base_checkpoint"] == str(checkpoint)
     prompt = model.to_tokens("When Mary and John went to the store, John gave a drink to")
     gap, changed, n = check_round_trip(model, result, out, checkpoint, prompt)

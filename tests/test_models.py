@@ -74,7 +74,7 @@ def test_a_users_gguf_file_loads_by_path_like_the_built_in_model_and_is_cached(s
     # The built-in model's GGUF file under another name and in another folder is a user's file.
     path = tmp_path / "files" / "My-SmolLM2.Q4_1.gguf"
     path.parent.mkdir()
-    shutil.copy(mechattr.models.smollm2_gguf(), path)
+    shutil.copy(mechattr.gguf.smollm2_gguf(), path)
     monkeypatch.setenv("MECHATTR_CACHE", str(tmp_path / "cache"))
     tokens = smollm2.to_tokens("When Mary and John went to the store, John gave a drink to")
     with torch.no_grad():

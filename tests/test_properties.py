@@ -21,7 +21,8 @@ import mechattr
 import mechattr.cli
 from mechattr import Denoise, Noise, NativeConfig, Site, Steer, Zero, patch, sweeps
 from mechattr.effects import Effects
-from mechattr.sites import KINDS, Grid, model_shape, validate
+from mechattr.models import model_shape
+from mechattr.sites import KINDS, Grid, validate
 from mechattr.tasks import Task, TaskError, from_jsonl
 
 FUZZ = int(os.environ.get("MECHATTR_FUZZ", "1"))

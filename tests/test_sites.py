@@ -1,6 +1,7 @@
 import pytest
 
-from mechattr.sites import KINDS, Grid, Site, grid
+from mechattr.models import NativeConfig, native_model
+from mechattr.sites import KINDS, Grid, Site, grid, validate
 
 
 def test_sites_are_hashable_values():
@@ -48,3 +49,19 @@ def test_grids(tiny):
     assert Grid.of([Site("z", 0, head=0), Site("mlp_out", 1)]).kind == "mixed"
     assert set(KINDS) >= {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
                           "pattern", "neuron"}
+
+
+def test_building_a_grid_runs_no_model_and_the_first_patch_probes_each_kind_once():
+    """The kind probe (does a value written at the hook reach the logits?) belongs to a run, not to a grid:
+    grids are values. It runs the model once per kind and model, and is remembered."""
+    model = native_model(NativeConfig(seed=3))  # a model of its own: no probe has run on it
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    grids = [grid(model, "z"), grid(model, "resid_pre", 5), grid(model, "neuron"), grid(model, "pattern", 5)]
+    assert forwards == [] and all(len(g) for g in grids)
+    validate(grids[0].sites, model)
+    assert len(forwards) == 1  # one probe of hook_z
+    validate(grids[0].sites + grids[1].sites, model)
+    assert len(forwards) == 2  # hook_resid_pre probed once; hook_z remembered
+    with pytest.raises(ValueError, match=r"site resid_pre\[L0 P5\]: pos 5 out of range"):
+        validate([Site("resid_pre", 0, pos=5)], model, n_pos=5)

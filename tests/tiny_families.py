@@ -4,7 +4,8 @@ one hook per forward for patching, a hand-written backward for AtP, hand-shifted
 import torch
 
 from mechattr.families import VOCAB
-from mechattr.sites import KINDS, Site, available_kinds, model_shape
+from mechattr.models import model_shape
+from mechattr.sites import KINDS, Site, available_kinds
 from mechattr.tasks import Task
 
 N_EXAMPLES, N_POS = 3, 8

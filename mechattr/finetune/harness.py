@@ -27,7 +27,7 @@ from mechattr.finetune.memory import PeakMemory
 from mechattr.finetune.methods import Setup
 from mechattr.finetune.prefix import Prefix, first_block
 from mechattr.finetune.trainer import FinetuneResult, TrainConfig, train
-from mechattr.forward import is_bridge
+from mechattr.models import is_bridge
 from mechattr.tasks import Task
 
 __all__ = ["Scores", "Scorer", "Trial", "run_trial", "UNRELATED_TEXT", "unrelated_text"]

@@ -24,8 +24,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from mechattr.finetune.layouts import Layout, find_layout, unused_parameters
-from mechattr.models import model_name
-from mechattr.sites import Site, model_shape, validate
+from mechattr.models import model_name, model_shape
+from mechattr.sites import Site, validate
 
 __all__ = ["masks", "n_trained", "full_masks", "union", "KV_MODES"]
 

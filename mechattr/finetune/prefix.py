@@ -20,8 +20,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechattr.forward import TOLERANCE, FastPathWarning, Forward, at_last, final_logits, is_bridge, last_logits
-from mechattr.models import model_name
+from mechattr.forward import TOLERANCE, FastPathWarning, Forward, at_last, final_logits, last_logits
+from mechattr.models import is_bridge, model_name
 from mechattr.sites import hook_name
 
 __all__ = ["Prefix", "first_block", "full_logits", "Positions"]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mechattr.finetune.data import LOSSES, Data, Text, batch_indices, loss, tokens_of
 from mechattr.finetune.delta import Delta, coordinates_of, probes_of
 from mechattr.finetune.prefix import Prefix, first_block
-from mechattr.runs import device_of
+from mechattr.models import device_of
 from mechattr.selection import SiteSet
 from mechattr.storage import write_torch
 

@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from mechattr.forward import Forward
-from mechattr.sites import Site, hook_name, model_shape
+from mechattr.models import model_shape
+from mechattr.sites import Site, hook_name
 
 __all__ = ["attention_patterns", "plot_attention"]
 
