@@ -111,7 +111,7 @@ class _NodeEvaluator:
     def __init__(self, model: Any, task: Task, candidates: Sequence[Site], ablation: Intervention):
         layers = range(model_shape(model)["n_layers"])
         names = sorted({s.hook for s in candidates} | {hook_name("resid_pre", layer) for layer in layers})
-        self.runs: Runs = unpatched(model, task, ablation, names)
+        self.runs: Runs = unpatched(model, task, ablation, names, resumable=True)
         self.values = {s: self.runs.value(ablation, s) for s in candidates}
         # Cells never resume at block 0: the embedding runs before it, so an embed patch needs the full forward.
         self.resid = self.runs.resid(layers[1:])

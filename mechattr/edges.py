@@ -106,7 +106,7 @@ def patch_edges(model: Any, task: Task, edges: Sequence[Edge], intervention: Int
     layers = {layer for _, layer in groups}
     names = {s.hook for s in send} | {input_hook(k, l) for k, l in groups} | {output_hook(k, l) for k, l in groups} \
         | {hook_name("resid_pre", l) for l in layers}
-    runs = unpatched(model, task, intervention, sorted(names))
+    runs = unpatched(model, task, intervention, sorted(names), resumable=True)
     base, source = runs.base, runs.source
     check_receivers(model, groups, base.acts)
     delta = contributions(model, send, {h: intervention(base.acts[h], source.acts[h]) for h in names}) \

@@ -199,8 +199,8 @@ def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int
     checked = [estimate.sites[int(order[r])] for r in ranks]
     if isinstance(checked[0], Edge):
         exact = patch_edges(model, task, checked, intervention)
-    else:  # resuming at block 0 would skip the embedding, so embed sites need full forwards
-        exact = patch(model, task, checked, intervention, resume=not any(s.kind == "embed" for s in checked))
+    else:  # an embed site's cell runs a full forward; the others resume (`Site.resume_layer`)
+        exact = patch(model, task, checked, intervention)
     important = exact.effect.abs() > threshold * _gap(exact)
     rest_ranks = torch.tensor(ranks[n_top:], dtype=torch.long) - n_top
     found = important[n_top:]

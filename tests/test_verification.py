@@ -10,7 +10,8 @@ from scipy import stats
 
 import mechattr
 from mechattr.attribution import attribute
-from mechattr.sites import grid
+from mechattr.graph import nodes
+from mechattr.sites import Site, grid
 from mechattr.verification import Stratum, Verification, count_interval, stratified_count, verify
 
 
@@ -145,3 +146,14 @@ def test_stratified_interval_covers_at_its_level():
         estimates.append(estimate)
     assert covered / 400 >= 0.95
     assert np.mean(estimates) == pytest.approx(sum(counts), rel=0.1)  # unbiased: the weights are N_h / n_h
+
+
+def test_an_estimate_with_embed_sites_is_checked_exactly_with_the_other_sites_resumed(gqa, tiny_task):
+    """The embedding sits before every block, so its cells run full forwards; the other checked sites
+    still resume mid-model. Both must equal the full-forward reference."""
+    candidates = nodes(gqa)  # the embedding, every head, every MLP
+    estimate = attribute(gqa, tiny_task, candidates, "atp", intervention=mechattr.Noise())
+    checked = verify(gqa, tiny_task, estimate, top=4, sample=len(candidates) - 4)
+    assert Site("embed") in checked.checked and any(s.kind == "z" for s in checked.checked)
+    reference = mechattr.patch(gqa, tiny_task, list(checked.checked), mechattr.Noise(), resume=False)
+    torch.testing.assert_close(checked.exact.per_example, reference.per_example, atol=1e-5, rtol=0)
