@@ -11,13 +11,15 @@ The package in layers, each built on the ones before it:
 - the application: `app` (`mechattr run`) and `cli`.
 """
 
+import importlib as _importlib
 import importlib.metadata as _metadata
+import warnings as _warnings
 
+from mechattr import interventions, tasks
 from mechattr.attribution import attribute
-from mechattr.circuits import Circuit, discover
-from mechattr.effects import Effects, load_effects, save_effects
-from mechattr.interventions import Denoise, GaussianNoise, Mean, Noise, Resample, Steer, Zero
-from mechattr.models import NativeConfig, load_model, native_model
+from mechattr.circuits import discover
+from mechattr.effects import Effects
+from mechattr.models import load_model, native_model
 from mechattr.patching import patch
 from mechattr.selection import select
 from mechattr.sites import Site, grid
@@ -29,6 +31,22 @@ try:
 except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "load_model", "native_model", "NativeConfig", "Site", "grid", "Task", "Denoise", "Noise", "Zero", "Mean",
-           "Resample", "GaussianNoise", "Steer", "patch", "attribute", "Effects", "load_effects", "save_effects",
-           "verify", "discover", "Circuit", "select"]
+__all__ = ["__version__", "load_model", "native_model", "Site", "grid", "Task", "interventions", "patch", "attribute",
+           "Effects", "select", "verify", "discover", "tasks", "plots", "finetune"]
+
+# Imported on first use: matplotlib and the trainer cost seconds that patching alone does not need.
+_LAZY = ("plots", "finetune", "causal")
+# Names the package exported before its front door shrank, and where they live now.
+_MOVED = {**{name: "mechattr.interventions" for name in ("Denoise", "Noise", "Zero", "Mean", "Resample",
+                                                          "GaussianNoise", "Steer")},
+          "NativeConfig": "mechattr.models", "Circuit": "mechattr.circuits", "load_effects": "mechattr.effects",
+          "save_effects": "mechattr.effects"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return _importlib.import_module(f"mechattr.{name}")
+    if name in _MOVED:
+        _warnings.warn(f"mechattr.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(_importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'mechattr' has no attribute {name!r}")

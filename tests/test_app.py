@@ -59,7 +59,7 @@ def test_outputs_are_complete(quick_run):
     report = (out / "report.md").read_text()
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert len(figures) >= 5 and all((out / f).is_file() and (out / f).stat().st_size > 1000 for f in figures)
-    loaded = mechattr.load_effects(out / "effects" / "knowledge_S3_before")
+    loaded = mechattr.effects.load_effects(out / "effects" / "knowledge_S3_before")
     assert set(loaded) == {"attn_out"} and [s.layer for s in loaded["attn_out"].sites] == [0, 8, 16, 24]
     assert loaded["attn_out"].clean_metric == pytest.approx(
         metrics["knowledge"]["before"]["S3"]["kinds"]["attn_out"]["clean_metric"], abs=1e-6)

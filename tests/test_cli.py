@@ -70,7 +70,7 @@ def estimate_dir(tmp_path_factory, smollm2):
 
 @pytest.mark.slow
 def test_attribute_writes_what_attribute_computes(estimate_dir, smollm2):
-    saved = mechattr.load_effects(estimate_dir)["z"]
+    saved = mechattr.effects.load_effects(estimate_dir)["z"]
     task = ioi(smollm2, n=2, seed=0)
     expected = mechattr.attribute(smollm2, task, mechattr.grid(smollm2, "z", task.n_pos, layers=[28, 29]), "atp")
     assert saved.method == "atp" and saved.meta["n"] == 2 and saved.meta["task_spec"] == "ioi"
@@ -84,12 +84,12 @@ def test_verify_rebuilds_the_task_from_the_estimate(estimate_dir, smollm2, tmp_p
                       "--sample", "4", "--out", str(tmp_path))
     assert status == 0, err
     report = json.loads((tmp_path / "verification.json").read_text())
-    estimate = mechattr.load_effects(estimate_dir)["z"]
+    estimate = mechattr.effects.load_effects(estimate_dir)["z"]
     expected = mechattr.verify(smollm2, ioi(smollm2, n=2, seed=0), estimate, top=3, sample=4)
     assert report["sites"] == [str(s) for s in expected.checked]
     assert report["spearman"] == pytest.approx(expected.spearman)
     assert report["missed"] == pytest.approx(expected.missed)
-    exact = mechattr.load_effects(tmp_path / "exact")["z"]
+    exact = mechattr.effects.load_effects(tmp_path / "exact")["z"]
     reference = mechattr.patch(smollm2, ioi(smollm2, n=2, seed=0), list(expected.checked), progress=False)
     torch.testing.assert_close(exact.per_example, reference.per_example, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "estimate_vs_exact.png").is_file()
@@ -106,7 +106,7 @@ def test_discover_writes_a_circuit_whose_curve_ends_at_the_clean_run(tmp_path, c
     status, err = run(capsys, "discover", "--n", "2", "--points", "3", "--no-prune", "--target", "0.5",
                       "--out", str(tmp_path))
     assert status == 0, err
-    circuit = mechattr.Circuit.load(tmp_path)
+    circuit = mechattr.circuits.Circuit.load(tmp_path)
     assert circuit.sizes[0] == 0 and circuit.sizes[-1] == len(circuit.ranking) == 301  # embed, 270 heads, 30 MLPs
     assert circuit.curve[0] == pytest.approx(0.0, abs=1e-4) and circuit.curve[-1] == pytest.approx(1.0, abs=1e-4)
     start = next(n for n, f in zip(circuit.sizes, circuit.curve) if f >= 0.5)
@@ -121,7 +121,7 @@ def test_finetune_delta_reproduces_its_metrics_and_compare_matches_sizes(estimat
     assert status == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     delta = Delta.load(tmp_path / "delta.safetensors")
-    top = mechattr.select(mechattr.load_effects(estimate_dir)["z"], top_k=2, significant_only=False)
+    top = mechattr.select(mechattr.effects.load_effects(estimate_dir)["z"], top_k=2, significant_only=False)
     assert metrics["sites"] == [str(s) for s in top] and delta.sites.sites == top.sites
     assert delta.n_trained == metrics["n_trained"] == sum(int(m.sum()) for m in masks(smollm2, top).values())
 
@@ -172,7 +172,7 @@ def test_distributed_patch_under_torchrun_equals_one_process(tmp_path, smollm2):
                "mechattr.cli", "patch", "--distributed", "--examples", "2", *SMALL[2:], "--out", str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    saved = mechattr.load_effects(tmp_path)["z"]
+    saved = mechattr.effects.load_effects(tmp_path)["z"]
     task = ioi(smollm2, n=2, seed=0)
     expected = mechattr.patch(smollm2, task, mechattr.grid(smollm2, "z", task.n_pos, layers=[28, 29]), progress=False)
     torch.testing.assert_close(saved.per_example, expected.per_example, atol=1e-5, rtol=1e-5)

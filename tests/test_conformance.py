@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import mechattr
-from mechattr import Denoise, Noise, families
+from mechattr import families
 from mechattr.edges import attribute_edges, patch_edges
-from mechattr.graph import Edge
 from mechattr.forward import FastPathWarning, Forward, fast_path_verdict
+from mechattr.graph import Edge
+from mechattr.interventions import Denoise, Noise
 from mechattr.sites import KINDS, Site, available_kinds
 import tiny_families as tf
 

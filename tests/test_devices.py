@@ -82,8 +82,8 @@ def test_load_model_refuses_a_bad_dtype_or_device_before_loading(llama_folder, m
 @pytest.mark.parametrize("source", ["native", "llama folder"])
 def test_bfloat16_model_on_cpu_patches_like_a_bfloat16_reference(source, llama_folder, task):
     if source == "native":
-        model = mechattr.native_model(mechattr.NativeConfig(d_vocab=256), device="cpu", dtype="bfloat16")
-        float_model = mechattr.native_model(mechattr.NativeConfig(d_vocab=256))
+        model = mechattr.native_model(mechattr.models.NativeConfig(d_vocab=256), device="cpu", dtype="bfloat16")
+        float_model = mechattr.native_model(mechattr.models.NativeConfig(d_vocab=256))
     else:
         model = mechattr.load_model(llama_folder, device="cpu", dtype="bfloat16")
         float_model = mechattr.load_model(llama_folder, dtype=torch.float32)
@@ -104,7 +104,7 @@ def test_bfloat16_model_on_cpu_patches_like_a_bfloat16_reference(source, llama_f
 
 
 def test_bfloat16_training_step_keeps_float32_loss_and_frozen_entries(task):
-    model = mechattr.native_model(mechattr.NativeConfig(d_vocab=256), device="cpu", dtype=torch.bfloat16)
+    model = mechattr.native_model(mechattr.models.NativeConfig(d_vocab=256), device="cpu", dtype=torch.bfloat16)
     name = "layers.0._original_component.attn._original_component.q._original_component.weight"
     weight = dict(model.named_parameters())[name]
     mask = torch.zeros(weight.shape, dtype=torch.bool)

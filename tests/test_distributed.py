@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mechattr
-from mechattr import Denoise, Mean, Site, Zero, distributed, grid, patch
+from mechattr import Site, distributed, grid, patch
+from mechattr.interventions import Denoise, Mean, Zero
 from mechattr.attribution import attribute
 
 # Run by torchrun on 2 ranks: every case's joined result (or error) is saved per rank.
@@ -15,7 +16,8 @@ WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     import mechattr
-    from mechattr import Mean, Site, distributed, grid, patch
+    from mechattr import Site, distributed, grid, patch
+    from mechattr.interventions import Mean
 
     out = sys.argv[1]
     torch.manual_seed(0)

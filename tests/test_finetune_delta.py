@@ -46,7 +46,7 @@ def test_save_load_apply_reproduces_the_trained_logits(task, tmp_path):
 
 def test_apply_refuses_other_weights(task):
     _, result = trained(task, [Site("z", 0, head=1)])
-    other = mechattr.native_model(mechattr.NativeConfig(seed=1))
+    other = mechattr.native_model(mechattr.models.NativeConfig(seed=1))
     with pytest.raises(ValueError, match="compatibility-mode weights, not the original checkpoint"):
         result.delta.apply(other)
     result.delta.apply(other, check=False)  # possible on request

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mechattr
-from mechattr import Denoise, Mean, Noise, Resample, Site, Zero, attribute, grid, patch
+from mechattr import Site, attribute, grid, patch
+from mechattr.interventions import Denoise, Mean, Noise, Resample, Zero
 from mechattr.ablation import EdgeAblator
 from mechattr.circuits import discover, edge_faithfulness, node_faithfulness
 from mechattr.edges import attribute_edges, patch_edges

@@ -3,7 +3,8 @@ import torch
 from dataclasses import replace
 
 import mechattr
-from mechattr import Denoise, Mean, Noise, Resample, Site, Zero, grid, patch
+from mechattr import Site, grid, patch
+from mechattr.interventions import Denoise, Mean, Noise, Resample, Zero
 from mechattr.sites import KINDS, Grid
 from reference import hand_patch, logit_diff
 

@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, Phase, assume, event, given, settings, strat
 
 import mechattr
 import mechattr.cli
-from mechattr import Denoise, Noise, NativeConfig, Site, Steer, Zero, patch, sweeps
+from mechattr import Site, patch, sweeps
+from mechattr.interventions import Denoise, Noise, Steer, Zero
+from mechattr.models import NativeConfig
 from mechattr.effects import Effects
 from mechattr.models import model_shape
 from mechattr.sites import KINDS, Grid, validate
@@ -379,7 +381,7 @@ def test_fuzzed_research_command_lines_end_in_a_status(smollm2, tmp_path_factory
     (root / "bad.jsonl").write_text('{"clean": 1}\n')
     task = mechattr.tasks.ioi(smollm2, n=8, seed=0)
     estimate = _fake_attribute(smollm2, task, mechattr.grid(smollm2, "z", layers=[29]))
-    mechattr.save_effects(root / "est", [estimate], model="smollm2-135m", task="ioi", task_spec="ioi", n=8, seed=0)
+    mechattr.effects.save_effects(root / "est", [estimate], model="smollm2-135m", task="ioi", task_spec="ioi", n=8, seed=0)
     blocks = _fake_patch(smollm2, task, mechattr.grid(smollm2, "mlp_out", task.n_pos, layers=[29]))
-    mechattr.save_effects(root / "two", [estimate, blocks], model="smollm2-135m", task="ioi")
+    mechattr.effects.save_effects(root / "two", [estimate, blocks], model="smollm2-135m", task="ioi")
     _ends_in_a_status(smollm2, root, argv)

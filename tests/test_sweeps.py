@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mechattr
-from mechattr import Denoise, Mean, Site, Zero, grid, patch, sweeps
+from mechattr import Site, grid, patch, sweeps
+from mechattr.interventions import Denoise, Mean, Zero
 from mechattr.attribution import attribute
 
 

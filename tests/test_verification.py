@@ -152,8 +152,8 @@ def test_an_estimate_with_embed_sites_is_checked_exactly_with_the_other_sites_re
     """The embedding sits before every block, so its cells run full forwards; the other checked sites
     still resume mid-model. Both must equal the full-forward reference."""
     candidates = nodes(gqa)  # the embedding, every head, every MLP
-    estimate = attribute(gqa, tiny_task, candidates, "atp", intervention=mechattr.Noise())
+    estimate = attribute(gqa, tiny_task, candidates, "atp", intervention=mechattr.interventions.Noise())
     checked = verify(gqa, tiny_task, estimate, top=4, sample=len(candidates) - 4)
     assert Site("embed") in checked.checked and any(s.kind == "z" for s in checked.checked)
-    reference = mechattr.patch(gqa, tiny_task, list(checked.checked), mechattr.Noise(), resume=False)
+    reference = mechattr.patch(gqa, tiny_task, list(checked.checked), mechattr.interventions.Noise(), resume=False)
     torch.testing.assert_close(checked.exact.per_example, reference.per_example, atol=1e-5, rtol=0)

@@ -341,7 +341,7 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
               *_curves_section(metrics, paths), "## 5. After fine-tuning", "", *_after_section(metrics),
               "## Files", "", "`metrics.json` (every number above), `config.json`, `stages/` (one record per stage), "
               "`tables/<network>_<before|after>/` (per-trial scores and pair scores), `effects/` (saved `Effects`: "
-              "`mechattr.load_effects(dir)`), `curves/<task>/curves.{md,json}` (every run, with per-example "
+              "`mechattr.effects.load_effects(dir)`), `curves/<task>/curves.{md,json}` (every run, with per-example "
               "correctness: `BudgetCurves.load(dir)`), "
               "`export/` (the Hugging Face folder), `delta.safetensors` "
               "(`Delta.load(path).apply(mechattr.load_model(name))`), `figures/`.", "",

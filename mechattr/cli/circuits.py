@@ -82,7 +82,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
     checked = mechattr.verify(model, task, estimate, top=args.top, sample=args.sample, seed=args.sample_seed,
                               strata=args.strata, threshold=args.threshold, level=args.level)
     out = Path(args.out)
-    mechattr.save_effects(out / "exact", [checked.exact], model=args.model, task=task.name)
+    mechattr.effects.save_effects(out / "exact", [checked.exact], model=args.model, task=task.name)
     missed = None if math.isnan(checked.missed) else checked.missed  # JSON has no NaN
     summary = {"kind": estimate.kind, "method": estimate.method, "missed": missed,
                "missed_ci": list(checked.missed_ci), "level": checked.level, "n_checked": len(checked.checked),

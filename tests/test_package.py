@@ -1,0 +1,26 @@
+"""The package's front door: a small `__all__`, lazy subpackages, and the old names pointing to their modules."""
+
+import pytest
+
+import mechattr
+from mechattr import effects, interventions, models
+
+
+def test_the_front_door_is_small_and_every_name_resolves():
+    assert len(mechattr.__all__) <= 16
+    for name in mechattr.__all__:
+        assert getattr(mechattr, name) is not None, name
+    assert mechattr.plots.heatmap and mechattr.finetune.train  # subpackages load on first use
+    assert mechattr.interventions is interventions
+
+
+@pytest.mark.parametrize("name, module", [("Noise", interventions), ("Mean", interventions),
+                                          ("NativeConfig", models), ("load_effects", effects)])
+def test_a_moved_name_warns_and_is_the_object_in_its_module(name, module):
+    with pytest.warns(DeprecationWarning, match=rf"mechattr\.{name} moved to {module.__name__}\.{name}"):
+        assert getattr(mechattr, name) is getattr(module, name)
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="module 'mechattr' has no attribute 'Nosie'"):
+        mechattr.Nosie  # noqa: B018
