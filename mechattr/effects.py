@@ -18,6 +18,7 @@ from scipy import stats
 from torch import Tensor
 
 from mechattr.graph import unit_from_json
+from mechattr.interventions import Intervention, arguments, from_arguments
 from mechattr.sites import Grid, Site
 from mechattr.stats import benjamini_hochberg
 from mechattr.storage import write_json, write_safetensors
@@ -49,10 +50,11 @@ class Effects:
     grid: Grid
     base_run: str = "corrupt"  # the run intervened on
     metric: str = "logit_diff"
-    intervention: str = "denoise"
+    intervention: str = "denoise"  # its name; `applied` is the intervention itself
     method: str = "patch"  # "patch" (exact) or the attribution estimate's name
     str_tokens: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    intervention_args: dict[str, Any] | None = None  # its constructor arguments (None: not known)
 
     def __post_init__(self):
         if tuple(self.values.shape) != self.grid.shape:
@@ -72,9 +74,16 @@ class Effects:
         return cls(values=per_example.mean(-1), per_example=per_example, clean=runs.clean.cpu(),
                    corrupt=runs.corrupt.cpu(), grid=grid, base_run=runs.base_run, metric=task.metric.name,
                    intervention=intervention.name, method=method, str_tokens=task.str_tokens,
-                   meta={"task": task.name, "varying_positions": _varying_positions(task), **meta})
+                   meta={"task": task.name, "varying_positions": _varying_positions(task), **meta},
+                   intervention_args=arguments(intervention))
 
     # Labels -------------------------------------------------------------------------------------
+    @property
+    def applied(self) -> Intervention | None:
+        """The intervention these effects are under, with its arguments (`Resample(seed=3)`); None where
+        they are not known (a `Steer` vector is not saved)."""
+        return from_arguments(self.intervention, self.intervention_args)
+
     @property
     def kind(self) -> str:
         return self.grid.kind
@@ -241,7 +250,7 @@ def save_effects(directory: str | Path, effects: list[Effects], **meta: Any) -> 
     for e in effects:
         header["kinds"][e.kind] = {"axes": list(e.axes), "shape": list(e.grid.shape), "method": e.method,
                                    "base_run": e.base_run, "intervention": e.intervention,
-                                   "sites": [s.to_json() for s in e.sites]}
+                                   "intervention_args": e.intervention_args, "sites": [s.to_json() for s in e.sites]}
     # Each file appears whole; the header, which readers open first, is written last.
     write_safetensors(directory / "effects.safetensors",
                       {k: v.detach().contiguous().cpu().float() for k, v in tensors.items()})
@@ -267,5 +276,6 @@ def load_effects(directory: str | Path) -> dict[str, Effects]:
         out[kind] = Effects(values=tensors[kind], per_example=tensors[f"{kind}.per_example"],
                             clean=tensors["clean"], corrupt=tensors["corrupt"], grid=grid,
                             base_run=spec["base_run"], metric=common["metric"], intervention=spec["intervention"],
-                            method=spec["method"], str_tokens=tuple(common["str_tokens"]), meta=header)
+                            method=spec["method"], str_tokens=tuple(common["str_tokens"]), meta=header,
+                            intervention_args=spec.get("intervention_args"))
     return out

@@ -10,15 +10,15 @@ on ("clean" or "corrupt"); the engine feeds the other as the source.
 read by the engine and the command line.
 """
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 __all__ = ["Intervention", "Denoise", "Noise", "Zero", "Mean", "Resample", "GaussianNoise", "Steer",
-           "INTERVENTIONS", "by_name"]
+           "INTERVENTIONS", "by_name", "arguments", "from_arguments"]
 
 Run = Literal["clean", "corrupt"]
 Activation = Float[Tensor, "example *site"]
@@ -166,3 +166,23 @@ def by_name(name: str) -> Intervention:
         hint = f" ({name} needs arguments: construct {needs.__name__}(...))" if needs is not None else ""
         raise ValueError(f"unknown intervention {name!r}{hint}; valid: {', '.join(usable)}")
     return INTERVENTIONS[name]()
+
+
+def arguments(intervention: Intervention) -> dict[str, Any] | None:
+    """The intervention's constructor arguments as JSON values ({} for one that takes none), or None when
+    they are not (a `Steer` vector) or not known (a class that is not a dataclass)."""
+    if not is_dataclass(intervention):
+        return None
+    values = {f.name: getattr(intervention, f.name) for f in fields(intervention)}
+    return values if all(isinstance(v, (bool, int, float, str)) for v in values.values()) else None
+
+
+def from_arguments(name: str, args: dict[str, Any] | None) -> Intervention | None:
+    """The registered intervention `name` built from `args` (see `arguments`); without them, only one
+    that takes no arguments can be rebuilt exactly, so the others give None."""
+    cls = INTERVENTIONS.get(name)
+    if cls is None:
+        return None
+    if args is None:
+        return cls() if is_dataclass(cls) and not fields(cls) else None
+    return cls(**args)

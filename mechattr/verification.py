@@ -172,18 +172,21 @@ def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int
     sites (|exact effect| > `threshold` x |clean - corrupt|) the estimate ranked below its top, with an
     interval at `level`, and where estimate and exact disagree.
 
-    `intervention` defaults to the estimate's (by name); pass it for configured ones such as `Steer`.
+    `intervention` defaults to the estimate's own (`Effects.applied`, arguments included); pass it where
+    that is not known (a `Steer` estimate loaded from disk).
     """
     from scipy import stats
 
     from mechattr.edges import patch_edges
-    from mechattr.interventions import by_name
     from mechattr.patching import patch
 
     if top < 0 or sample < 0 or strata < 1:
         raise ValueError(f"verify needs top >= 0, sample >= 0 and strata >= 1; got top={top}, sample={sample}, "
                          f"strata={strata}")
-    intervention = intervention or by_name(estimate.intervention)
+    intervention = intervention or estimate.applied
+    if intervention is None:
+        raise ValueError(f"verify: the estimate's intervention {estimate.intervention!r} is not known with its "
+                         "arguments (a Steer vector is not saved with effects); pass it as intervention=")
     order = _order(estimate)
     n_top = min(top, len(order))
     n_rest = len(order) - n_top

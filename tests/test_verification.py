@@ -10,7 +10,9 @@ from scipy import stats
 
 import mechattr
 from mechattr.attribution import attribute
+from mechattr.effects import load_effects, save_effects
 from mechattr.graph import nodes
+from mechattr.interventions import Resample, Steer
 from mechattr.sites import Site, grid
 from mechattr.verification import Stratum, Verification, count_interval, stratified_count, verify
 
@@ -157,3 +159,24 @@ def test_an_estimate_with_embed_sites_is_checked_exactly_with_the_other_sites_re
     assert Site("embed") in checked.checked and any(s.kind == "z" for s in checked.checked)
     reference = mechattr.patch(gqa, tiny_task, list(checked.checked), mechattr.interventions.Noise(), resume=False)
     torch.testing.assert_close(checked.exact.per_example, reference.per_example, atol=1e-5, rtol=0)
+
+
+def test_verify_patches_with_the_estimates_own_intervention_arguments_included(gqa, tiny_task, z_sites, tmp_path):
+    """A Resample(seed=3) estimate is checked under Resample(seed=3), not the default seed, also after a
+    save and load; a Steer estimate loaded from disk (its vector is not saved) needs intervention=."""
+    resample = Resample(seed=3)
+    estimate = attribute(gqa, tiny_task, z_sites, "atp", intervention=resample)
+    loaded = load_effects(save_effects(tmp_path / "est", [estimate]))[estimate.kind]
+    assert estimate.applied == loaded.applied == resample
+    checked = verify(gqa, tiny_task, loaded, top=3, sample=0)
+    own = mechattr.patch(gqa, tiny_task, list(checked.checked), resample)
+    default = mechattr.patch(gqa, tiny_task, list(checked.checked), Resample())
+    torch.testing.assert_close(checked.exact.per_example, own.per_example, atol=1e-6, rtol=0)
+    assert not torch.allclose(own.per_example, default.per_example, atol=1e-3)  # the seed matters here
+    steer = Steer(torch.ones(gqa.cfg.d_model), scale=0.5)
+    sites = grid(gqa, "resid_pre", tiny_task.n_pos)
+    steered = load_effects(save_effects(tmp_path / "steer", [attribute(gqa, tiny_task, sites, intervention=steer)]))
+    assert steered["resid_pre"].applied is None
+    with pytest.raises(ValueError, match=r"intervention 'steer' is not known with its arguments.*intervention="):
+        verify(gqa, tiny_task, steered["resid_pre"], top=2, sample=0)
+    assert verify(gqa, tiny_task, steered["resid_pre"], top=2, sample=0, intervention=steer).n_top == 2
