@@ -16,11 +16,13 @@ from mechattr.forward import Forward
 from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contributions, input_hook, n_inputs,
                             output_hook, receive, receiver_groups)
 from mechattr.interventions import Intervention, Noise
-from mechattr.runs import check_intervention, unpatched
+from mechattr.models import model_shape
+from mechattr.patching import run_cells
+from mechattr.runs import Runs, check_intervention, unpatched
 from mechattr.sites import Site, hook_name
 from mechattr.tasks import Task
 
-__all__ = ["EdgeAblator"]
+__all__ = ["EdgeAblator", "NodeAblator"]
 
 _COPIES = 4  # circuits per ablation run: each copy holds every sender's contribution
 
@@ -138,3 +140,26 @@ class EdgeAblator:
             out.append(readout(logits).reshape(chunk.shape[0], -1))
         return torch.cat(out)
 
+
+class NodeAblator:
+    """Evaluates node circuits: the task metric [circuits, n] of the base run with every candidate node
+    outside each circuit set to its `ablation` value, from one pair of unpatched runs (each call runs
+    the circuits as patched cells, resumed at their earliest ablated block)."""
+
+    def __init__(self, model: Any, task: Task, candidates: Sequence[Site], ablation: Intervention):
+        layers = range(model_shape(model)["n_layers"])
+        names = sorted({s.hook for s in candidates} | {hook_name("resid_pre", layer) for layer in layers})
+        self.runs: Runs = unpatched(model, task, ablation, names, resumable=True)
+        self.values = {s: self.runs.value(ablation, s) for s in candidates}
+        # Cells never resume at block 0: the embedding runs before it, so an embed patch needs the full forward.
+        self.resid = self.runs.resid(layers[1:])
+
+    def __call__(self, circuits: Sequence[set[Site]]) -> Tensor:
+        cells = [[(s, v) for s, v in self.values.items() if s not in circuit] for circuit in circuits]
+        out = torch.empty(len(circuits), self.runs.task.n_examples, device=self.runs.reference.device)
+        todo = [i for i, c in enumerate(cells) if c]
+        out[[i for i, c in enumerate(cells) if not c]] = self.runs.base_metric  # nothing ablated: the base run
+        if todo:
+            out[todo] = run_cells(self.runs.forward, [cells[i] for i in todo], self.resid, self.runs.readout(),
+                                  desc="circuits")
+        return out

@@ -23,16 +23,15 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from mechattr.ablation import EdgeAblator
+from mechattr.ablation import EdgeAblator, NodeAblator
 from mechattr.attribution import attribute
 from mechattr.edges import attribute_edges
 from mechattr.effects import normalize
 from mechattr.graph import Edge, all_edges, nodes, unit_from_json
 from mechattr.interventions import Intervention, Noise
 from mechattr.models import model_shape
-from mechattr.patching import run_cells
-from mechattr.runs import Runs, unpatched
-from mechattr.sites import Site, hook_name
+from mechattr.runs import Runs
+from mechattr.sites import Site
 from mechattr.storage import write_json
 from mechattr.tasks import Task
 
@@ -104,29 +103,6 @@ class Circuit:
 
 # Exact evaluation --------------------------------------------------------------------------------
 
-class _NodeEvaluator:
-    """The metric [circuits, n] of the base run with every candidate node outside each circuit ablated,
-    from one pair of unpatched runs."""
-
-    def __init__(self, model: Any, task: Task, candidates: Sequence[Site], ablation: Intervention):
-        layers = range(model_shape(model)["n_layers"])
-        names = sorted({s.hook for s in candidates} | {hook_name("resid_pre", layer) for layer in layers})
-        self.runs: Runs = unpatched(model, task, ablation, names, resumable=True)
-        self.values = {s: self.runs.value(ablation, s) for s in candidates}
-        # Cells never resume at block 0: the embedding runs before it, so an embed patch needs the full forward.
-        self.resid = self.runs.resid(layers[1:])
-
-    def __call__(self, circuits: Sequence[set[Site]]) -> Tensor:
-        cells = [[(s, v) for s, v in self.values.items() if s not in circuit] for circuit in circuits]
-        out = torch.empty(len(circuits), self.runs.task.n_examples, device=self.runs.reference.device)
-        todo = [i for i, c in enumerate(cells) if c]
-        out[[i for i, c in enumerate(cells) if not c]] = self.runs.base_metric  # nothing ablated: the base run
-        if todo:
-            out[todo] = run_cells(self.runs.forward, [cells[i] for i in todo], self.resid, self.runs.readout(),
-                                  desc="circuits")
-        return out
-
-
 def _faithfulness(task: Task, metric: Tensor, runs: Runs) -> list[float]:
     """Per circuit [circuits, n] -> fraction of the mean clean-minus-corrupted gap kept."""
     return normalize(metric.mean(-1), runs.clean, runs.corrupt, f"task {task.name!r}").tolist()
@@ -135,7 +111,7 @@ def _faithfulness(task: Task, metric: Tensor, runs: Runs) -> list[float]:
 def node_faithfulness(model: Any, task: Task, circuits: Sequence[set[Site]], ablation: Intervention = Noise(),
                       candidates: Sequence[Site] | None = None) -> list[float]:
     """Faithfulness of each node circuit: the base run with every candidate node outside it ablated."""
-    evaluate = _NodeEvaluator(model, task, list(candidates or nodes(model)), ablation)
+    evaluate = NodeAblator(model, task, list(candidates or nodes(model)), ablation)
     return _faithfulness(task, evaluate(circuits), evaluate.runs)
 
 
@@ -177,7 +153,7 @@ def discover(model: Any, task: Task, level: str = "node", *, method: str = "atp"
     if level == "node":
         candidates = nodes(model)
         scores = attribute(model, task, candidates, method, intervention=ablation).effect
-        ablate = _NodeEvaluator(model, task, candidates, ablation)
+        ablate = NodeAblator(model, task, candidates, ablation)
     else:
         candidates = all_edges(model)
         scores = attribute_edges(model, task, candidates, method, intervention=ablation).effect
