@@ -16,7 +16,7 @@ reaches `target`.
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +27,7 @@ from mechattr.ablation import EdgeAblator, NodeAblator
 from mechattr.attribution import attribute
 from mechattr.edges import attribute_edges
 from mechattr.effects import normalize
+from mechattr.faithfulness import faithfulness
 from mechattr.graph import Edge, all_edges, nodes, unit_from_json
 from mechattr.interventions import Intervention, Noise
 from mechattr.models import model_shape
@@ -54,7 +55,7 @@ class Circuit:
     faithfulness: float  # of the final circuit
     clean_metric: float
     corrupt_metric: float
-    meta: dict[str, Any] = field(default_factory=dict)  # method, ablation, threshold, target, task
+    meta: dict[str, Any] = field(default_factory=dict)  # method, ablation, threshold, target, task, mib
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -142,22 +143,27 @@ def _prune(evaluate, kept: list, current: float, threshold: float, floor: float)
 
 
 def discover(model: Any, task: Task, level: str = "node", *, method: str = "atp", ablation: Intervention = Noise(),
-             target: float = 0.8, threshold: float = 0.01, points: int = 24, prune: bool = True) -> Circuit:
+             target: float = 0.8, threshold: float = 0.01, points: int = 24, prune: bool = True,
+             mib: int = 0) -> Circuit:
     """Rank the nodes (or edges) by `method`'s estimate of ablating each, measure the faithfulness curve
     of the top-n prefixes, start from the smallest prefix with faithfulness >= `target` (all if none),
     and, with `prune`, drop components whose removal moves the metric by less than `threshold` x gap
-    while the faithfulness stays >= `target`.
-    Exact evaluations: one batched run for the curve, one per pruning trial."""
+    while the faithfulness stays >= `target`. With `mib` > 0, the ranking's MIB faithfulness (CPR and
+    CMD with intervals, `mechattr.faithfulness`, against `mib` random rankings) goes into
+    `meta["mib"]`.
+    Exact evaluations: one batched run for the curve, one per pruning trial, and with `mib` one per
+    MIB circuit."""
     if level not in LEVELS:
         raise ValueError(f"unknown circuit level {level!r}; valid: {', '.join(LEVELS)}")
     if level == "node":
         candidates = nodes(model)
-        scores = attribute(model, task, candidates, method, intervention=ablation).effect
+        estimate = attribute(model, task, candidates, method, intervention=ablation)
         ablate = NodeAblator(model, task, candidates, ablation)
     else:
         candidates = all_edges(model)
-        scores = attribute_edges(model, task, candidates, method, intervention=ablation).effect
+        estimate = attribute_edges(model, task, candidates, method, intervention=ablation)
         ablate = EdgeAblator(model, task, ablation, candidates)
+    scores = estimate.effect.flatten()
     runs = ablate.runs
     evaluate = lambda circuits: _faithfulness(task, ablate(circuits), runs)  # noqa: E731
     order = scores.abs().argsort(descending=True).tolist()
@@ -168,11 +174,13 @@ def discover(model: Any, task: Task, level: str = "node", *, method: str = "atp"
     kept, final = list(ranking[:start]), curve[sizes.index(start)]
     if prune:  # a start that reached the target keeps reaching it
         kept, final = _prune(evaluate, kept, final, threshold, min(target, final))
+    meta = {"task": task.name, "method": method, "ablation": ablation.name, "target": target, "threshold": threshold,
+            "n_layers": model_shape(model)["n_layers"], "n_heads": model_shape(model)["n_heads"]}
+    if mib:
+        measured = faithfulness(model, task, estimate, ablation, random=mib, ablator=ablate)
+        meta["mib"] = {k: v for k, v in asdict(measured).items() if k != "meta"}
     kept_nodes = kept if level == "node" else list(dict.fromkeys(s for e in kept for s in (e.sender, e.receiver)))
     return Circuit(level=level, nodes=tuple(kept_nodes), edges=tuple(kept) if level == "edge" else (),
                    ranking=tuple(ranking), scores=tuple(scores[order].tolist()), sizes=tuple(sizes),
                    curve=tuple(curve), faithfulness=final, clean_metric=float(runs.clean.mean()),
-                   corrupt_metric=float(runs.corrupt.mean()),
-                   meta={"task": task.name, "method": method, "ablation": ablation.name, "target": target,
-                         "threshold": threshold, "n_layers": model_shape(model)["n_layers"],
-                         "n_heads": model_shape(model)["n_heads"]})
+                   corrupt_metric=float(runs.corrupt.mean()), meta=meta)

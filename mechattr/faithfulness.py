@@ -103,10 +103,12 @@ def _evaluator(model: Any, task: Any, units: list, ablation: Intervention):
 
 def faithfulness(model: Any, task: Any, scores: Effects, ablation: Intervention = Noise(), *,
                  shares: Sequence[float] = MIB_SHARES, random: int = 5, bootstrap: int = 1000,
-                 level: float = 0.95, seed: int = 0) -> Faithfulness:
+                 level: float = 0.95, seed: int = 0, ablator: Any = None) -> Faithfulness:
     """MIB faithfulness of the ranking in `scores` (any `Effects` over nodes or edges) on `task`, every
     component outside a circuit set by `ablation` (see the module docstring). Costs one ablated run
-    per distinct circuit: about 2 + (2 + `random`) x len(shares) - the circuits that coincide."""
+    per distinct circuit: about 2 + (2 + `random`) x len(shares) - the circuits that coincide.
+    `ablator`: a `NodeAblator` or `EdgeAblator` of this ablation over exactly `scores.sites`, to share
+    its unpatched runs (`discover` passes its own)."""
     shares = tuple(float(s) for s in shares)
     if not shares or list(shares) != sorted(set(shares)) or shares[0] <= 0 or shares[-1] > 1:
         raise ValueError(f"faithfulness: shares must increase strictly within (0, 1], got {shares}")
@@ -114,7 +116,8 @@ def faithfulness(model: Any, task: Any, scores: Effects, ablation: Intervention 
         raise ValueError(f"faithfulness needs random >= 1 and bootstrap >= 1, got {random} and {bootstrap}")
     units = list(scores.sites)
     n_units = len(units)
-    evaluate, kind = _evaluator(model, task, units, ablation)
+    evaluate, kind = (ablator, "edge" if isinstance(units[0], Edge) else "node") if ablator is not None else \
+        _evaluator(model, task, units, ablation)
     sizes = tuple(int(s * n_units) for s in shares)
     contribution = _contribution(scores)
     orders = [contribution.argsort(descending=True, stable=True),

@@ -12,6 +12,7 @@ from mechattr.attribution import attribute  # noqa: E402
 from mechattr.verification import verify  # noqa: E402
 from mechattr.plots.estimates import plot_circuit, plot_estimate_vs_exact, plot_faithfulness  # noqa: E402
 from mechattr.circuits import Circuit, discover, edge_faithfulness, node_faithfulness  # noqa: E402
+from mechattr.faithfulness import faithfulness  # noqa: E402
 from mechattr.graph import Edge, nodes  # noqa: E402
 from mechattr.interventions import Noise  # noqa: E402
 from mechattr.sites import Site  # noqa: E402
@@ -77,6 +78,17 @@ def test_discovery_finds_the_planted_nodes(planted, tmp_path):
     assert set(circuit.ranking[:2]) == set(circuit.nodes) and 0.5 < circuit.auc <= 1.0
     loaded = Circuit.load(circuit.save(tmp_path))
     assert loaded.nodes == circuit.nodes and loaded.ranking == circuit.ranking and loaded.auc == circuit.auc
+
+
+def test_discovery_reports_its_rankings_mib_faithfulness(planted, tmp_path):
+    """`discover(mib=...)` shares its ablator with the faithfulness function and equals it run alone."""
+    model, task = planted
+    circuit = discover(model, task, "node", method="atp", mib=2, prune=False)
+    alone = faithfulness(model, task, attribute(model, task, nodes(model), "atp", intervention=Noise()), random=2)
+    mib = Circuit.load(circuit.save(tmp_path)).meta["mib"]
+    assert mib["cpr"] == pytest.approx(alone.cpr) and mib["cmd"] == pytest.approx(alone.cmd)
+    assert mib["cpr_curve"] == pytest.approx(list(alone.cpr_curve)) and mib["random_cpr"] == pytest.approx(alone.random_cpr)
+    assert mib["cpr"] > mib["random_cpr"][0]  # the planted head first beats chance
 
 
 def test_discovery_finds_the_planted_edges(planted, tmp_path):

@@ -45,6 +45,7 @@ def test_usage_errors_return_2_and_help_returns_0(capsys):
     (["attribute", "--method", "ig", "--steps", "0", "--out", "x"], "--steps must be a positive integer"),
     (["discover", "--level", "graph", "--out", "x"], "valid: node, edge"),
     (["discover", "--ablation", "shuffle", "--out", "x"], "valid: noise, mean, zero, resample"),
+    (["discover", "--mib", "-1", "--out", "x"], "--mib must be >= 0"),
     (["finetune", "--sites-from", "nowhere", "--top-k", "0", "--out", "x"], "--top-k must be a positive integer"),
     (["finetune", "--sites-from", "nowhere", "--top-k", "2", "--out", "x"], "nowhere/effects.json is missing"),
     (["verify", "--effects", "nowhere", "--out", "x"], "nowhere/effects.json is missing"),

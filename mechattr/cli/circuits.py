@@ -54,6 +54,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="pruning threshold, a fraction of the gap")
     d.add_argument("--points", type=int, default=default(discover, "points"), help="points on the faithfulness curve")
     d.add_argument("--no-prune", action="store_true", help="keep the smallest prefix reaching the target")
+    d.add_argument("--mib", type=int, default=default(discover, "mib"), metavar="RANDOM",
+                   help="also the ranking's MIB faithfulness (CPR, CMD with intervals) against RANDOM random "
+                        "rankings (0: skip)")
     d.add_argument("--out", required=True, help="output directory")
     d.set_defaults(run=cmd_discover)
 
@@ -116,12 +119,19 @@ def cmd_discover(args: argparse.Namespace) -> None:
     check_choice("attribution method", args.method, METHODS)
     check_choice("ablation", args.ablation, _ablations())
     positive("--points", args.points)
+    if args.mib < 0:
+        raise UsageError(f"--mib must be >= 0 (random rankings; 0 skips it), got {args.mib}")
     model, task = load(args)
     circuit = mechattr.discover(model, task, args.level, method=args.method, ablation=by_name(args.ablation),
                                 target=args.target, threshold=args.threshold, points=args.points,
-                                prune=not args.no_prune)
+                                prune=not args.no_prune, mib=args.mib)
     out = circuit.save(args.out)
     plots.save(plot_faithfulness(circuit).figure, out / "faithfulness.png")
     plots.save(plot_circuit(circuit).figure, out / "circuit.png")
     print(f"{circuit.size} {circuit.level}s of {len(circuit.ranking)}, faithfulness {circuit.faithfulness:.3f}, "
           f"curve AUC {circuit.auc:.3f}; wrote {out}")
+    if "mib" in circuit.meta:
+        m = circuit.meta["mib"]
+        print(f"MIB: CPR {m['cpr']:.3f} [{m['cpr_ci'][0]:.3f}, {m['cpr_ci'][1]:.3f}] (random {m['random_cpr'][0]:.3f} "
+              f"± {m['random_cpr'][1]:.3f}), CMD {m['cmd']:.3f} [{m['cmd_ci'][0]:.3f}, {m['cmd_ci'][1]:.3f}] "
+              f"(random {m['random_cmd'][0]:.3f} ± {m['random_cmd'][1]:.3f})")
