@@ -1,4 +1,4 @@
-"""Attribution on smollm2-135m (IOI): how well and how fast AtP, AtP* and EAP-IG estimate exact patching.
+"""Attribution on smollm2-135m (IOI): how well and how fast AtP, AtP*, EAP-IG and RelP estimate exact patching.
 
 Sites: every block site (resid_pre, attn_out, mlp_out x layer x position) and every head (z x layer x
 head, all positions). Prints, on one model and batch in this process:
@@ -9,7 +9,8 @@ head, all positions). Prints, on one model and batch in this process:
   - TL 4.3's `generic_activation_patch` timed on `--tl-cells` cells and scaled to all sites,
   - TL 4.3's `tools.analysis.attribution_patching.attribution_patch` on the same batch (its per-example
     loop), checked against mechattr's AtP,
-  - Spearman rank correlations of each estimate with exact patching,
+  - Spearman rank correlations of each estimate with exact patching, per site kind, and where each
+    estimate ranks the ten heads of largest exact |effect|,
 and with `--circuit DIR` discovers the node circuit and saves it with its plots.
 
     .venv/bin/python benchmarks/bench_attribution.py [--n 8] [--exact-layers 5] [--tl-cells 10] [--circuit DIR]
@@ -64,7 +65,8 @@ def all_sites(model, n_pos):
 def time_estimates(model, task, grid, ig_steps):
     """{label: (Effects, seconds, forward-equivalents)}, a forward timed before and after each."""
     runs = {"atp": {"method": "atp"}, "atp* (QK fix only)": {"method": "atp*", "graddrop": False},
-            "atp*": {"method": "atp*"}, f"ig ({ig_steps} steps)": {"method": "ig", "steps": ig_steps}}
+            "atp*": {"method": "atp*"}, f"ig ({ig_steps} steps)": {"method": "ig", "steps": ig_steps},
+            "relp": {"method": "relp"}}
     attribute(model, task, grid.sites[:1], "atp")  # warm-up: the first backward pays one-off costs
     out = {}
     for label, kwargs in runs.items():
@@ -148,8 +150,21 @@ def spearman_report(estimates, z, blocks):
         exact = [e for kind in BLOCK_KINDS for e in blocks[kind].effect.flatten().tolist()]
         sites = [s for kind in BLOCK_KINDS for s in blocks[kind].sites]
         rho_b = stats.spearmanr([by_site[s] for s in sites], exact)[0]
+        rho = {kind: stats.spearmanr([by_site[s] for s in blocks[kind].sites], blocks[kind].effect.flatten())[0]
+               for kind in BLOCK_KINDS}
+        by_kind = "  ".join(f"{kind} {value:.3f}" for kind, value in rho.items())
         print(f"Spearman vs exact  {label:20s} z (all {len(z.sites)}): {rho_z:.3f}   block sites "
-              f"(sampled layers, {len(sites)}): {rho_b:.3f}")
+              f"(sampled layers, {len(sites)}): {rho_b:.3f} ({by_kind})")
+    top = z.effect.flatten().abs().argsort(descending=True)[:10].tolist()
+    print("exact top-10 heads (|effect|) and their rank by each estimate's |effect|:")
+    for i in top:
+        site = z.sites[i]
+        ranks = []
+        for label, (effects, _, _) in estimates.items():
+            by_site = dict(zip(effects.sites, effects.effect.abs().tolist()))
+            order = sorted(z.sites, key=lambda s: -by_site[s])
+            ranks.append(f"{label} {order.index(site) + 1}")
+        print(f"  {site} exact {z.effect.flatten()[i]:+.2f}: " + ", ".join(ranks))
 
 
 def circuit_report(model, task, method, directory):

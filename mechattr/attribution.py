@@ -12,6 +12,9 @@ backward shared by every site:
   GradDrop's magnitude is unsigned, so the signed change takes its sign from the QK-fixed estimate.
 - "ig": integrated gradients along the path from the base run's token embeddings to the source run's
   (EAP-IG, Hanna et al. 2024), a left Riemann sum of `steps` points, so steps=1 is exactly AtP.
+- "relp": relevance patching (Jafari et al. 2025): AtP with layer-wise relevance propagation's
+  coefficients for the gradient (normalisation scales and attention weights held constant, MLP
+  activations passed on as linear, a gated product split in half; `mechattr.relevance`), at AtP's cost.
 """
 
 import math
@@ -25,13 +28,14 @@ from torch import Tensor
 from mechattr.effects import Effects
 from mechattr.interventions import INTERVENTIONS, Denoise, Intervention
 from mechattr.models import final_hook, model_shape
+from mechattr.relevance import REFUSED_KINDS, rules
 from mechattr.runs import Pass, Runs, check_intervention, gradient_pass, unpatched
 from mechattr.sites import KINDS, Grid, Site, hook_name, validate
 from mechattr.tasks import Task
 
 __all__ = ["attribute", "METHODS"]
 
-METHODS = ("atp", "atp*", "ig")
+METHODS = ("atp", "atp*", "ig", "relp")
 _MAX_ROWS = 256  # rows of one gradient pass (ig stacks its steps as rows)
 _PATTERN_TOLERANCE = 1e-4  # largest |pattern error| at which the QK fix trusts its own softmax
 
@@ -276,6 +280,10 @@ def attribute(model: Any, task: Task, sites: Grid | Sequence[Site], method: str 
     """
     grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
     _check(method, intervention, steps)
+    refused = next((s for s in grid if method == "relp" and s.kind in REFUSED_KINDS), None)
+    if refused is not None:
+        raise ValueError(f"site {refused}: relp holds attention weights constant, so queries and keys get no "
+                         f"relevance; estimate {'/'.join(REFUSED_KINDS)} sites with 'atp' or 'atp*'")
     validate(grid.sites, model, task.n_pos)
     _check_positions(task, grid, intervention)
     qk, rotary = _qk_hooks(grid) if method == "atp*" else (set(), set())
@@ -289,7 +297,8 @@ def attribute(model: Any, task: Task, sites: Grid | Sequence[Site], method: str 
         layers = range(model_shape(model)["n_layers"]) if graddrop else ()
         extra = {hook_name("resid_pre", layer) for layer in layers}
         runs = unpatched(model, task, intervention, sorted(names - patterns), base_hooks=sorted(patterns | extra),
-                         gradients=True, optional=sorted(rotary), keep_graph=graddrop)
+                         gradients=True, optional=sorted(rotary), keep_graph=graddrop,
+                         rules=rules(model) if method == "relp" else ())
         run = runs.base
     terms = _terms(grid, run.acts, runs.source.acts, intervention, qk_fix=method == "atp*",
                    named=runs.task.named_positions)

@@ -18,18 +18,21 @@ from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contr
                             output_hook, receive, receiver_groups)
 from mechattr.interventions import Denoise, Intervention
 from mechattr.patching import run_cells
+from mechattr.relevance import REFUSED_KINDS, rules
 from mechattr.runs import Pass, check_intervention, unpatched
 from mechattr.sites import Grid, Site, hook_name, validate
 from mechattr.tasks import Task
 
 __all__ = ["attribute_edges", "patch_edges", "EDGE_METHODS"]
 
-EDGE_METHODS = ("atp", "ig")
+EDGE_METHODS = ("atp", "ig", "relp")
 
 
-def _input_grads(model: Any, groups: dict[tuple[str, int], list[Site]], run: Pass) -> dict[Site, Tensor]:
+def _input_grads(model: Any, groups: dict[tuple[str, int], list[Site]], run: Pass,
+                 relevance: Sequence[tuple[str, Any]] = ()) -> dict[Site, Tensor]:
     """d metric / d (each receiver's own input) [rows, P, d_model]: the gradient at the receiver's output
-    pulled back through its receiver function at the run's input."""
+    pulled back through its receiver function at the run's input, under the `relevance` rules that
+    made the run's gradients (relp's rules reach inside the receiver: its norm and its MLP)."""
     out = {}
     for (kind, layer), sites in groups.items():
         x = run.acts[input_hook(kind, layer)]
@@ -37,7 +40,7 @@ def _input_grads(model: Any, groups: dict[tuple[str, int], list[Site]], run: Pas
         if kind == "resid_post":
             out.update({site: g for site in sites})
             continue
-        with torch.enable_grad():
+        with torch.enable_grad(), model.hooks(fwd_hooks=list(relevance)):
             if kind == "mlp_out":
                 x = x.detach().requires_grad_()
                 (grad,) = torch.autograd.grad(receive(model, kind, layer, x), x, g)
@@ -49,10 +52,10 @@ def _input_grads(model: Any, groups: dict[tuple[str, int], list[Site]], run: Pas
     return out
 
 
-def _scores(model, groups, send, delta, run) -> Tensor:
+def _scores(model, groups, send, delta, run, relevance=()) -> Tensor:
     """(new - base contribution) . input gradient for every sender x receiver [rows, S, R] (delta is
     repeated over the run's copies of the batch)."""
-    grads = _input_grads(model, groups, run)
+    grads = _input_grads(model, groups, run, relevance)
     recv = [r for sites in groups.values() for r in sites]
     rows = run.metric.shape[0]
     delta = delta.repeat(1, rows // delta.shape[1], 1, 1)  # (S, rows, P, d)
@@ -63,7 +66,9 @@ def _scores(model, groups, send, delta, run) -> Tensor:
 def attribute_edges(model: Any, task: Task, edges: Sequence[Edge] | None = None, method: str = "atp", *,
                     steps: int = 8, intervention: Intervention = Denoise()) -> Effects:
     """Edge attribution patching: change = (sender's new - base contribution) . d metric / d receiver input
-    for every edge from one backward ("ig": the gradient averaged along the embedding path, EAP-IG)."""
+    for every edge from one backward ("ig": the gradient averaged along the embedding path, EAP-IG;
+    "relp": relevance coefficients for the gradient, `mechattr.relevance`, which gives query and key
+    inputs none, so edges into them are refused)."""
     if method not in EDGE_METHODS:
         raise ValueError(f"edges cannot be estimated with method {method!r}; the methods that can: "
                          f"{', '.join(EDGE_METHODS)} (atp*'s QK fix and GradDrop are defined for nodes)")
@@ -72,17 +77,23 @@ def attribute_edges(model: Any, task: Task, edges: Sequence[Edge] | None = None,
     edges = list(all_edges(model) if edges is None else edges)
     validate(edges, model, task.n_pos)
     check_intervention(task, intervention, edges)
+    refused = next((e for e in edges if method == "relp" and e.receiver.kind in REFUSED_KINDS), None)
+    if refused is not None:
+        raise ValueError(f"edge {refused}: relp holds attention weights constant, so query and key inputs get no "
+                         "relevance; leave those edges out or estimate them with 'atp'")
     send = list(dict.fromkeys(e.sender for e in edges))
     groups = receiver_groups(model, edges)
     inputs = {input_hook(kind, layer) for kind, layer in groups}
     outputs = {output_hook(kind, layer) for kind, layer in groups}
     names = {s.hook for s in send} | inputs | ({"hook_embed"} if method == "ig" else set())
-    runs = unpatched(model, task, intervention, sorted(names), base_hooks=sorted(outputs), gradients=method == "atp")
+    relevance = rules(model) if method == "relp" else ()
+    runs = unpatched(model, task, intervention, sorted(names), base_hooks=sorted(outputs), gradients=method != "ig",
+                     rules=relevance)
     base, source = runs.base, runs.source
     check_receivers(model, groups, base.acts)
     delta = contributions(model, send, {h: intervention(base.acts[h], source.acts[h]) for h in names}) \
         - contributions(model, send, base.acts)  # (S, n, P, d_model)
-    reduce = lambda run: {"scores": _scores(model, groups, send, delta, run)}  # noqa: E731
+    reduce = lambda run: {"scores": _scores(model, groups, send, delta, run, relevance)}  # noqa: E731
     if method == "ig":
         run = ig_pass(runs, inputs | outputs, steps, reduce=reduce, max_rows=64)
         scores = run.grads["scores"]

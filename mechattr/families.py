@@ -37,6 +37,7 @@ class Family:
     fast_path: bool = True  # patched runs resume at a block (else exact full forwards)
     prefix: bool = True  # ...and at a position, reusing the unpatched prefix's keys and values
     attribution: bool = True  # `attribute(method="atp")` equals a hand-written gradient
+    relp: bool = True  # `attribute(method="relp")` equals hand-written relevance rules (else a clear refusal)
     edges: bool = True  # `edges.patch_edges` into heads equals its exact reference
     mlp_edges: bool = True  # ...and into MLPs (else such edges get a clear error)
     masks: bool | None = None  # fine-tuning masks; None: `mechattr.finetune.layouts.SUPPORTED_FAMILIES` says
@@ -51,17 +52,18 @@ FAMILIES: dict[str, Family] = {
                                                                   "partial_rotary_factor": 0.25}),
                        "GPTNeoXForCausalLM", mlp_edges=False, missing=("resid_mid",), notes=_PARALLEL),
     "gptj": Family("GPTJConfig", dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, rotary_dim=8),
-                   "GPTJForCausalLM", mlp_edges=False, missing=("resid_mid", "pattern"),
+                   "GPTJForCausalLM", mlp_edges=False, missing=("resid_mid", "pattern"), relp=False,
                    notes=f"{_PARALLEL}; the attention pattern hook is read-only"),
     # ffn_dim = 4 x d_model as in every OPT checkpoint: TL 4.3 reads the MLP width as 4 x d_model.
     "opt": Family("OPTConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
                                     word_embed_proj_dim=64, max_position_embeddings=64), "OPTForCausalLM",
-                  mlp_edges=False, missing=("pattern",),
+                  mlp_edges=False, missing=("pattern",), relp=False,
                   notes="the attention pattern hook is read-only; the MLP has no module of its own to recompute"),
     "llama": Family("LlamaConfig", _GQA, "LlamaForCausalLM"),
     "mistral": Family("MistralConfig", dict(_GQA, sliding_window=None), "MistralForCausalLM"),
     "mixtral": Family("MixtralConfig", dict(_GQA, num_local_experts=4, num_experts_per_tok=2,
-                                            sliding_window=None), "MixtralForCausalLM"),
+                                            sliding_window=None), "MixtralForCausalLM", relp=False,
+                      notes="mixture of experts: relp has no rule for the router"),
     "qwen2": Family("Qwen2Config", _GQA, "Qwen2ForCausalLM"),
     "qwen3": Family("Qwen3Config", dict(_GQA, head_dim=16), "Qwen3ForCausalLM"),
     "gemma": Family("GemmaConfig", dict(_GQA, head_dim=16), "GemmaForCausalLM"),
@@ -149,13 +151,13 @@ def masks_supported(name: str) -> bool:
 
 def support_table() -> str:
     """The README's support matrix, as a markdown table (one row per family)."""
-    rows = ["| family | loads | patch | fast path (block / position) | attribution (AtP) | edges "
+    rows = ["| family | loads | patch | fast path (block / position) | attribution (AtP) | RelP | edges "
             "| fine-tuning masks | kinds not available | notes |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, f in FAMILIES.items():
         fast = f"{_mark(f.boots and f.fast_path)} / {_mark(f.boots and f.fast_path and f.prefix)}"
         edges = "heads" if f.boots and f.edges and not f.mlp_edges else _mark(f.boots and f.edges)
-        cells = [_mark(f.boots), _mark(f.boots), fast, _mark(f.boots and f.attribution),
+        cells = [_mark(f.boots), _mark(f.boots), fast, _mark(f.boots and f.attribution), _mark(f.boots and f.relp),
                  edges, _mark(f.boots and masks_supported(name)), ", ".join(f.missing)]
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {f.notes} |")
     return "\n".join(rows) + "\n"

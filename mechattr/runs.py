@@ -15,6 +15,7 @@ patched runs can resume mid-model) for exact patching, and `gradient_pass` (zero
 logits only at the last position, an optional backward) for the gradient estimates.
 """
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Iterable, Sequence
@@ -95,7 +96,7 @@ class Pass:
 def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[str],
                   metric: Callable[[Tensor], Tensor] | None, *, optional: Sequence[str] = (),
                   embed: Callable[[Tensor], Tensor] | None = None, keep_graph: bool = False,
-                  last: Int[Tensor, " rows"] | None = None) -> Pass:
+                  last: Int[Tensor, " rows"] | None = None, rules: Sequence[tuple[str, Callable]] = ()) -> Pass:
     """Run `tokens` with a zero probe added at each hook in `names` and differentiate sum(metric(logits)).
 
     The gradient at a probe is the gradient at the activation, on every hook the model lets a hook
@@ -104,7 +105,8 @@ def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[s
     not interact, so the gradient of the sum is each row's own gradient; None = no backward (grads
     empty). Hooks in `optional` are recorded only if the model fires them. `embed` rewrites the token
     embeddings first (ig's path). With `keep_graph` the graph stays alive for more backwards. `last`
-    is each row's last token index (None: position -1).
+    is each row's last token index (None: position -1). `rules` are forward hooks added before the
+    probes, that change what the backward computes (`mechattr.relevance.rules`).
     """
     final = final_hook(model)
     optional = [n for n in optional if n in model.hook_dict]
@@ -126,10 +128,13 @@ def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[s
             return live[name]
         return hook
 
-    hooks = [(name, probe(name)) for name in names]
+    hooks = list(rules) + [(name, probe(name)) for name in names]
     if embed is not None and "hook_embed" not in names:
         hooks.append(("hook_embed", lambda act, hook: embed(act)))
-    with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=hooks):
+    with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=hooks), warnings.catch_warnings():
+        # A rule that holds a norm's scale constant makes TL rebuild the norm's output from the hooked
+        # scale (equal up to float rounding) and warn each time; the rules mean to.
+        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
         try:
             model(tokens)
         except _Stop:
@@ -211,11 +216,12 @@ class Runs:
 
 def unpatched(model: Any, task: Task, intervention: Intervention, hooks: Sequence[str] = (), *,
               base_hooks: Sequence[str] = (), gradients: bool = False, optional: Sequence[str] = (),
-              keep_graph: bool = False, resumable: bool = False) -> Runs:
+              keep_graph: bool = False, resumable: bool = False, rules: Sequence[tuple[str, Callable]] = ()) -> Runs:
     """The base run (`intervention.base_run`) and the source run of `task`, with activations at `hooks`
     (both runs) and `base_hooks` (the base run only); `optional` hooks are recorded where the model fires
     them. `gradients`: d metric / d activation at every base-run hook (`keep_graph` keeps the graph for
-    more backwards). `resumable`: exact patching's engine, which records the block inputs too."""
+    more backwards). `resumable`: exact patching's engine, which records the block inputs too. `rules`:
+    hooks that change the base run's backward (`gradient_pass`)."""
     task = task.to(device_of(model))
     base_run = intervention.base_run
     source_run = other_run(base_run)
@@ -232,7 +238,7 @@ def unpatched(model: Any, task: Task, intervention: Intervention, hooks: Sequenc
     source = gradient_pass(model, task.tokens(source_run), sorted(hooks), None, optional=optional, last=task.last)
     reference = source.logits.log_softmax(-1) if source_run == "clean" else None
     base = gradient_pass(model, task.tokens(base_run), base_names, readout(task, reference) if gradients else None,
-                         optional=optional, keep_graph=keep_graph, last=task.last)
+                         optional=optional, keep_graph=keep_graph, last=task.last, rules=rules)
     if reference is None:
         reference = base.logits.log_softmax(-1)
     return Runs.of(model, task, base_run, base, source, reference)

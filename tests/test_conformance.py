@@ -16,6 +16,7 @@ from mechattr.edges import attribute_edges, patch_edges
 from mechattr.forward import FastPathWarning, Forward, fast_path_verdict
 from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Noise
+from mechattr.relevance import REFUSED_KINDS, RelevanceError
 from mechattr.sites import KINDS, Site, available_kinds
 import tiny_families as tf
 
@@ -93,6 +94,21 @@ def test_atp_equals_hand_written_gradient(family, task):
     errors = _by_kind(sites, (estimate.per_example - reference).abs().amax(-1))
     exact = max(errors.values()) <= ATOL
     assert exact == entry.attribution, f"{name}: table says attribution={entry.attribution}, errors {errors}"
+
+
+def test_relp_equals_hand_written_relevance_rules_or_is_refused(family, task):
+    name, entry, model = family
+    sites = [s for s in _all_sites(model) if s.kind not in REFUSED_KINDS]
+    if not entry.relp:
+        with pytest.raises(RelevanceError, match=rf"relp: model {re.escape(str(model.cfg.model_name))} cannot carry"):
+            mechattr.attribute(model, task, sites, "relp")
+        return
+    estimate = mechattr.attribute(model, task, sites, "relp")
+    reference = tf.atp_reference(model, task, sites, "corrupt", rules=tf.relp_rules(model))
+    errors = _by_kind(sites, (estimate.per_example - reference).abs().amax(-1))
+    assert max(errors.values()) <= ATOL, f"{name}: relp errors {errors}"
+    atp = tf.atp_reference(model, task, sites, "corrupt")
+    assert (reference - atp).abs().max() > 0.1  # the rules change the estimate on every family
 
 
 @pytest.mark.parametrize("receiver", [Site("q", 1, head=0), Site("k", 1, head=0), Site("v", 1, head=0),

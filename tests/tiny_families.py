@@ -1,7 +1,10 @@
 """Tiny models of every family in `mechattr.families`, a task for them, and independent references:
 one hook per forward for patching, a hand-written backward for AtP, hand-shifted inputs for an edge."""
 
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 
 from mechattr.families import VOCAB
 from mechattr.models import model_shape
@@ -79,10 +82,11 @@ def patch_reference(model, t: Task, sites: list[Site], base_run: str) -> torch.T
     return torch.stack(out)
 
 
-def atp_reference(model, t: Task, sites: list[Site], base_run: str) -> torch.Tensor:
+def atp_reference(model, t: Task, sites: list[Site], base_run: str, rules=()) -> torch.Tensor:
     """Base metric + (source - base activation) . d metric / d activation per site, [site, n]: the
     gradient at a zero tensor added at each hook (the bridge passes on a reshaped copy of what some
-    hooks see, so the hooked tensor itself may not be in the graph), all in one forward and backward."""
+    hooks see, so the hooked tensor itself may not be in the graph), all in one forward and backward.
+    `rules`: hooks run before the probes that change the backward (`relp_rules`)."""
     hooks = sorted({s.hook for s in sites})
     source = _activations(model, t.tokens("clean" if base_run == "corrupt" else "corrupt"), hooks)
     acts, probes = {}, {}
@@ -94,7 +98,7 @@ def atp_reference(model, t: Task, sites: list[Site], base_run: str) -> torch.Ten
             return act + probes[name]
         return hook
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(h, add_probe(h)) for h in hooks]):
+    with torch.enable_grad(), model.hooks(fwd_hooks=[*rules, *[(h, add_probe(h)) for h in hooks]]):
         metric = _metric(t, model(t.tokens(base_run))[:, -1])
         grads = dict(zip(hooks, torch.autograd.grad(metric.sum(), [probes[h] for h in hooks], allow_unused=True)))
     out = []
@@ -104,6 +108,47 @@ def atp_reference(model, t: Task, sites: list[Site], base_run: str) -> torch.Ten
         change = (source[site.hook] - acts[site.hook]) * (torch.zeros_like(acts[site.hook]) if grad is None else grad)
         out.append(metric.detach() + change[where].reshape(t.n_examples, -1).sum(-1))
     return torch.stack(out)
+
+
+def relp_rules(model) -> list:
+    """Relevance patching's rules written out by hand for one forward: every normalisation scale and
+    attention pattern a constant in the backward; each MLP's activation differentiated as act(x) / x,
+    and a gated MLP's product split half and half between act(gate) and up."""
+    act = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "gelu_new": partial(F.gelu, approximate="tanh"),
+           "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+           "gelu_fast": partial(F.gelu, approximate="tanh")}[model.cfg.act_fn]
+    gated = bool(getattr(model.cfg, "gated_mlp", False))
+    names = list(model.hook_dict)
+    saved = {}
+
+    def constant(a, hook):
+        return a.detach()
+
+    def save(key):
+        def hook(a, hook):
+            saved[key] = a
+            return a
+        return hook
+
+    def post(a, hook):
+        pre = saved["pre"]
+        slope = (act(pre) / pre).detach()  # no exactly-zero pre-activations in these random models
+        if gated:
+            up = saved["up"]
+            new = 0.5 * act(pre).detach() * up + 0.5 * pre * slope * up.detach()
+        else:
+            new = pre * slope
+        return a.detach() + new - new.detach()
+
+    out = [(n, constant) for n in names if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
+    for n in names:
+        if n.endswith("mlp.hook_pre"):
+            out.append((n, save("pre")))
+        elif n.endswith("mlp.hook_pre_linear"):
+            out.append((n, save("up")))
+        elif n.endswith("mlp.hook_post"):
+            out.append((n, post))
+    return out
 
 
 def edge_reference(model, t: Task, sender: Site, receiver: Site) -> torch.Tensor:
