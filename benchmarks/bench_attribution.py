@@ -153,8 +153,9 @@ def spearman_report(estimates, z, blocks):
         rho = {kind: stats.spearmanr([by_site[s] for s in blocks[kind].sites], blocks[kind].effect.flatten())[0]
                for kind in BLOCK_KINDS}
         by_kind = "  ".join(f"{kind} {value:.3f}" for kind, value in rho.items())
-        print(f"Spearman vs exact  {label:20s} z (all {len(z.sites)}): {rho_z:.3f}   block sites "
-              f"(sampled layers, {len(sites)}): {rho_b:.3f} ({by_kind})")
+        pearson = stats.pearsonr([by_site[s] for s in z.sites], z.effect.flatten())[0]
+        print(f"Spearman vs exact  {label:20s} z (all {len(z.sites)}): {rho_z:.3f} (Pearson {pearson:.3f})   "
+              f"block sites (sampled layers, {len(sites)}): {rho_b:.3f} ({by_kind})")
     top = z.effect.flatten().abs().argsort(descending=True)[:10].tolist()
     print("exact top-10 heads (|effect|) and their rank by each estimate's |effect|:")
     for i in top:

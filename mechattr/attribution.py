@@ -13,8 +13,8 @@ backward shared by every site:
 - "ig": integrated gradients along the path from the base run's token embeddings to the source run's
   (EAP-IG, Hanna et al. 2024), a left Riemann sum of `steps` points, so steps=1 is exactly AtP.
 - "relp": relevance patching (Jafari et al. 2025): AtP with layer-wise relevance propagation's
-  coefficients for the gradient (normalisation scales and attention weights held constant, MLP
-  activations passed on as linear, a gated product split in half; `mechattr.relevance`), at AtP's cost.
+  coefficients for the gradient (normalisation scales held constant, MLP activations passed on as
+  linear, a gated product split in half; `mechattr.relevance`), at AtP's cost.
 """
 
 import math
@@ -28,7 +28,7 @@ from torch import Tensor
 from mechattr.effects import Effects
 from mechattr.interventions import INTERVENTIONS, Denoise, Intervention
 from mechattr.models import final_hook, model_shape
-from mechattr.relevance import REFUSED_KINDS, rules
+from mechattr.relevance import rules
 from mechattr.runs import Pass, Runs, check_intervention, gradient_pass, unpatched
 from mechattr.sites import KINDS, Grid, Site, hook_name, validate
 from mechattr.tasks import Task
@@ -280,10 +280,6 @@ def attribute(model: Any, task: Task, sites: Grid | Sequence[Site], method: str 
     """
     grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
     _check(method, intervention, steps)
-    refused = next((s for s in grid if method == "relp" and s.kind in REFUSED_KINDS), None)
-    if refused is not None:
-        raise ValueError(f"site {refused}: relp holds attention weights constant, so queries and keys get no "
-                         f"relevance; estimate {'/'.join(REFUSED_KINDS)} sites with 'atp' or 'atp*'")
     validate(grid.sites, model, task.n_pos)
     _check_positions(task, grid, intervention)
     qk, rotary = _qk_hooks(grid) if method == "atp*" else (set(), set())

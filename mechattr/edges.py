@@ -18,7 +18,7 @@ from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contr
                             output_hook, receive, receiver_groups)
 from mechattr.interventions import Denoise, Intervention
 from mechattr.patching import run_cells
-from mechattr.relevance import REFUSED_KINDS, rules
+from mechattr.relevance import rules
 from mechattr.runs import Pass, check_intervention, unpatched
 from mechattr.sites import Grid, Site, hook_name, validate
 from mechattr.tasks import Task
@@ -67,8 +67,7 @@ def attribute_edges(model: Any, task: Task, edges: Sequence[Edge] | None = None,
                     steps: int = 8, intervention: Intervention = Denoise()) -> Effects:
     """Edge attribution patching: change = (sender's new - base contribution) . d metric / d receiver input
     for every edge from one backward ("ig": the gradient averaged along the embedding path, EAP-IG;
-    "relp": relevance coefficients for the gradient, `mechattr.relevance`, which gives query and key
-    inputs none, so edges into them are refused)."""
+    "relp": relevance coefficients for the gradient, `mechattr.relevance`)."""
     if method not in EDGE_METHODS:
         raise ValueError(f"edges cannot be estimated with method {method!r}; the methods that can: "
                          f"{', '.join(EDGE_METHODS)} (atp*'s QK fix and GradDrop are defined for nodes)")
@@ -77,10 +76,6 @@ def attribute_edges(model: Any, task: Task, edges: Sequence[Edge] | None = None,
     edges = list(all_edges(model) if edges is None else edges)
     validate(edges, model, task.n_pos)
     check_intervention(task, intervention, edges)
-    refused = next((e for e in edges if method == "relp" and e.receiver.kind in REFUSED_KINDS), None)
-    if refused is not None:
-        raise ValueError(f"edge {refused}: relp holds attention weights constant, so query and key inputs get no "
-                         "relevance; leave those edges out or estimate them with 'atp'")
     send = list(dict.fromkeys(e.sender for e in edges))
     groups = receiver_groups(model, edges)
     inputs = {input_hook(kind, layer) for kind, layer in groups}

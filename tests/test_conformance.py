@@ -16,7 +16,7 @@ from mechattr.edges import attribute_edges, patch_edges
 from mechattr.forward import FastPathWarning, Forward, fast_path_verdict
 from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Noise
-from mechattr.relevance import REFUSED_KINDS, RelevanceError
+from mechattr.relevance import RelevanceError
 from mechattr.sites import KINDS, Site, available_kinds
 import tiny_families as tf
 
@@ -98,7 +98,7 @@ def test_atp_equals_hand_written_gradient(family, task):
 
 def test_relp_equals_hand_written_relevance_rules_or_is_refused(family, task):
     name, entry, model = family
-    sites = [s for s in _all_sites(model) if s.kind not in REFUSED_KINDS]
+    sites = _all_sites(model)
     if not entry.relp:
         with pytest.raises(RelevanceError, match=rf"relp: model {re.escape(str(model.cfg.model_name))} cannot carry"):
             mechattr.attribute(model, task, sites, "relp")

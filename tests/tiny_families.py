@@ -111,9 +111,9 @@ def atp_reference(model, t: Task, sites: list[Site], base_run: str, rules=()) ->
 
 
 def relp_rules(model) -> list:
-    """Relevance patching's rules written out by hand for one forward: every normalisation scale and
-    attention pattern a constant in the backward; each MLP's activation differentiated as act(x) / x,
-    and a gated MLP's product split half and half between act(gate) and up."""
+    """Relevance patching's rules written out by hand for one forward: every normalisation scale a
+    constant in the backward; each MLP's activation differentiated as act(x) / x, and a gated MLP's
+    product split half and half between act(gate) and up."""
     act = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "gelu_new": partial(F.gelu, approximate="tanh"),
            "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
            "gelu_fast": partial(F.gelu, approximate="tanh")}[model.cfg.act_fn]
@@ -140,7 +140,7 @@ def relp_rules(model) -> list:
             new = pre * slope
         return a.detach() + new - new.detach()
 
-    out = [(n, constant) for n in names if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
+    out = [(n, constant) for n in names if n.endswith("hook_scale")]
     for n in names:
         if n.endswith("mlp.hook_pre"):
             out.append((n, save("pre")))
