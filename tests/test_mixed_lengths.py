@@ -9,13 +9,13 @@ import torch
 
 import mechattr
 from mechattr import Site, attribute, grid, patch
-from mechattr.interventions import Denoise, Mean, Noise, Resample, Zero
 from mechattr.ablation import EdgeAblator
 from mechattr.circuits import discover, edge_faithfulness, node_faithfulness
 from mechattr.edges import attribute_edges, patch_edges
 from mechattr.effects import Effects
-from mechattr.graph import Edge, all_edges
 from mechattr.forward import fast_path_verdict
+from mechattr.graph import Edge, all_edges
+from mechattr.interventions import Denoise, Mean, Noise, Resample, Zero
 from mechattr.tasks import Task, TaskError, from_jsonl, from_prompts, ioi
 from mechattr.tasks.builtin import IOI_TEMPLATES, NAMES, OBJECTS, PLACES
 from reference import hand_patch, logit_diff

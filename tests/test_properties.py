@@ -20,11 +20,10 @@ from hypothesis import HealthCheck, Phase, assume, event, given, settings, strat
 import mechattr
 import mechattr.cli
 from mechattr import Site, patch, sweeps
-from mechattr.interventions import Denoise, Noise, Steer, Zero
-from mechattr.models import NativeConfig
 from mechattr.effects import Effects
-from mechattr.models import model_shape
-from mechattr.sites import KINDS, Grid, validate
+from mechattr.interventions import Denoise, Noise, Steer, Zero
+from mechattr.models import NativeConfig, model_shape
+from mechattr.sites import Grid, KINDS, validate
 from mechattr.tasks import Task, TaskError, from_jsonl
 
 FUZZ = int(os.environ.get("MECHATTR_FUZZ", "1"))

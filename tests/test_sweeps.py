@@ -7,8 +7,8 @@ import torch
 
 import mechattr
 from mechattr import Site, grid, patch, sweeps
-from mechattr.interventions import Denoise, Mean, Zero
 from mechattr.attribution import attribute
+from mechattr.interventions import Denoise, Mean, Zero
 
 
 class Interrupted(Exception):
