@@ -13,14 +13,15 @@ the model's own:
   (half rule).
 
 Attention keeps its gradient. The reference code's optional AH-rule (attention weights held constant)
-is left out: it gives queries and keys no relevance at all, and on SmolLM2 IOI it cut the estimate's
-Spearman correlation with exact patching to 0.51 on heads (AtP: 0.97; docs/verification.md).
+is left out: it gives queries and keys no relevance at all, and on SmolLM2 IOI it dropped the heads
+that act through later attention out of the top 10 (docs/verification.md).
 
 `rules(model)` returns these as forward hooks for `runs.gradient_pass`. A model whose hooks cannot
 carry a rule (a missing or read-only hook, an activation that is not `cfg.act_fn`) is refused with the
 hook named, never estimated with a rule left out.
 """
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -109,7 +110,9 @@ def rules(model: Any) -> list[tuple[str, Callable]]:
         needed += ["blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post"]
         needed += ["blocks.0.mlp.hook_pre_linear"] if gated else []
     for hook in needed:
-        problem = hook_problem(model, hook)
+        with warnings.catch_warnings():  # probing a norm's scale is an edit TL warns about; it is meant
+            warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+            problem = hook_problem(model, hook)
         if problem is not None:
             raise RelevanceError(f"relp: model {name} cannot carry its rules: {problem}")
     out = [(h, _constant) for h in scales]
