@@ -1,12 +1,13 @@
 """MIB faithfulness on smollm2-135m: how faithful the circuits of each ranking are, with intervals.
 
 Nodes as MIB counts them: every attention head (z, all positions) and every MLP output; the embedding is
-not ranked. Each ranking (exact patching, AtP, AtP*, IG, under the ablation `Noise`: the clean run with
+not ranked. Each ranking (exact patching, AtP, AtP*, IG, RelP, under the ablation `Noise`: the clean run with
 nodes set to their corrupted values) is scored by `mechattr.faithfulness.faithfulness`: f at MIB's ten
 shares, CPR and CMD with bootstrap intervals over examples, and a random-ranking floor. Prints a
 markdown table (and, with `--out`, writes it) with each ranking's time and the faithfulness run's time.
 
-    .venv/bin/python benchmarks/bench_faithfulness.py [--task ioi] [--n 16] [--random 5] [--out FILE]
+    .venv/bin/python benchmarks/bench_faithfulness.py [--task ioi] [--n 16] [--random 5] [--methods exact,relp]
+        [--out FILE]
 """
 
 import argparse
@@ -23,7 +24,7 @@ from mechattr.graph import nodes  # noqa: E402
 from mechattr.interventions import Noise  # noqa: E402
 from mechattr.tasks.registry import by_name  # noqa: E402
 
-METHODS = ("exact", "atp", "atp*", "ig")
+METHODS = ("exact", "atp", "atp*", "ig", "relp")
 
 
 def main() -> None:
@@ -32,14 +33,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="examples (default: 16)")
     parser.add_argument("--random", type=int, default=5, help="random rankings of the floor (default: 5)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws (default: 1000)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"rankings to score, comma-separated; Spearman needs exact (default: {','.join(METHODS)})")
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    if any(m not in METHODS for m in methods) or "exact" not in methods:
+        parser.error(f"--methods {args.methods}: need exact and any of {', '.join(METHODS)}")
 
     model = mechattr.load_model("smollm2-135m")
     task = by_name(model, args.task, n=args.n, seed=0)
     candidates = [s for s in nodes(model) if s.kind != "embed"]
     rankings, seconds = {}, {}
-    for method in METHODS:
+    for method in methods:
         start = time.perf_counter()
         rankings[method] = (mechattr.patch(model, task, candidates, Noise(), progress=False) if method == "exact"
                             else mechattr.attribute(model, task, candidates, method, intervention=Noise()))
