@@ -89,6 +89,9 @@ def test_discovery_reports_its_rankings_mib_faithfulness(planted, tmp_path):
     assert mib["cpr"] == pytest.approx(alone.cpr) and mib["cmd"] == pytest.approx(alone.cmd)
     assert mib["cpr_curve"] == pytest.approx(list(alone.cpr_curve)) and mib["random_cpr"] == pytest.approx(alone.random_cpr)
     assert mib["cpr"] > mib["random_cpr"][0]  # the planted head first beats chance
+    ax = plot_faithfulness(circuit)
+    assert [list(line.get_ydata()) for line in ax.lines[2:]] == [list(mib["cpr_curve"]), list(mib["random_curve"])]
+    assert f"MIB CPR {mib['cpr']:.2f}" in ax.get_title()
 
 
 def test_discovery_finds_the_planted_edges(planted, tmp_path):

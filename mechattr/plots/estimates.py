@@ -65,16 +65,24 @@ def plot_circuit(circuit: Circuit, ax: Any = None) -> Any:
 
 
 def plot_faithfulness(circuit: Circuit, ax: Any = None) -> Any:
-    """Faithfulness of the top-n components by attribution against the fraction kept (log x), with the AUC."""
+    """Faithfulness of the top-n components by attribution against the fraction kept (log x), with the AUC;
+    with the circuit's MIB measurement (`discover(mib=...)`), its signed curve and random floor too."""
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     total = len(circuit.ranking)
     x = [max(n, 0.5) / total for n in circuit.sizes]  # n = 0 drawn at half a component on the log axis
-    ax.plot(x, circuit.curve, marker="o")
+    ax.plot(x, circuit.curve, marker="o", label="top-n by |estimate|")
     ax.axhline(1.0, color="gray", linestyle=":")
+    title = f"faithfulness curve ({circuit.meta.get('method', '')}), AUC {circuit.auc:.3f}"
+    mib = circuit.meta.get("mib")
+    if mib:  # `discover(mib=...)`: MIB's shares, the signed order and the random floor
+        ax.plot(mib["shares"], mib["cpr_curve"], marker="s", label="MIB, signed order")
+        ax.plot(mib["shares"], mib["random_curve"], linestyle="--", color="gray", label="MIB, random rankings")
+        ax.legend(fontsize=8)
+        title += f"\nMIB CPR {mib['cpr']:.2f} (random {mib['random_cpr'][0]:.2f}), CMD {mib['cmd']:.2f}"
     ax.set_xscale("log")
     ax.set_xlabel(f"fraction of {circuit.level}s kept (of {total})")
     ax.set_ylabel("faithfulness (fraction of gap recovered)")
-    ax.set_title(f"faithfulness curve ({circuit.meta.get('method', '')}), AUC {circuit.auc:.3f}")
+    ax.set_title(title, fontsize=10)
     return ax
 
 
