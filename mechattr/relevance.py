@@ -22,7 +22,8 @@ hook named, never estimated with a rule left out.
 """
 
 import warnings
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from mechattr.models import hook_problem, is_bridge, model_name, model_shape
 
-__all__ = ["rules", "RelevanceError"]
+__all__ = ["rules", "applied", "scale_edits_allowed", "RelevanceError"]
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -41,6 +42,25 @@ _EPS = 1e-6  # |x| below which act(x) / x is taken at x = eps (every activation 
 
 class RelevanceError(ValueError):
     """The model has no hook (or activation) that a RelP rule needs; the message names it."""
+
+
+@contextmanager
+def scale_edits_allowed() -> Iterator[None]:
+    """Silence TL's warning that a hook edited a norm's scale (it then rebuilds the norm's output from
+    the hooked values, equal up to float rounding): the LN-rule edits it on purpose, on every norm."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+        yield
+
+
+@contextmanager
+def applied(model: Any, relevance: Sequence[tuple[str, Callable]]) -> Iterator[None]:
+    """`relevance` (from `rules`) on `model` for the block's forwards and their backward; nothing when empty."""
+    if not relevance:
+        yield
+        return
+    with model.hooks(fwd_hooks=list(relevance)), scale_edits_allowed():
+        yield
 
 
 def _constant(act: Tensor, hook: Any) -> Tensor:
@@ -110,8 +130,7 @@ def rules(model: Any) -> list[tuple[str, Callable]]:
         needed += ["blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post"]
         needed += ["blocks.0.mlp.hook_pre_linear"] if gated else []
     for hook in needed:
-        with warnings.catch_warnings():  # probing a norm's scale is an edit TL warns about; it is meant
-            warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+        with scale_edits_allowed():  # the probe adds a zero at the hook: an edit to TL
             problem = hook_problem(model, hook)
         if problem is not None:
             raise RelevanceError(f"relp: model {name} cannot carry its rules: {problem}")

@@ -15,7 +15,7 @@ patched runs can resume mid-model) for exact patching, and `gradient_pass` (zero
 logits only at the last position, an optional backward) for the gradient estimates.
 """
 
-import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Iterable, Sequence
@@ -28,6 +28,7 @@ from mechattr.forward import Forward, last_logits
 from mechattr.graph import Edge
 from mechattr.interventions import INTERVENTIONS, Intervention
 from mechattr.models import device_of, final_hook
+from mechattr.relevance import scale_edits_allowed
 from mechattr.sites import Site, hook_name
 from mechattr.tasks import Task
 
@@ -131,10 +132,8 @@ def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[s
     hooks = list(rules) + [(name, probe(name)) for name in names]
     if embed is not None and "hook_embed" not in names:
         hooks.append(("hook_embed", lambda act, hook: embed(act)))
-    with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=hooks), warnings.catch_warnings():
-        # A rule that holds a norm's scale constant makes TL rebuild the norm's output from the hooked
-        # scale (equal up to float rounding) and warn each time; the rules mean to.
-        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+    with torch.set_grad_enabled(metric is not None), model.hooks(fwd_hooks=hooks), \
+            (scale_edits_allowed() if rules else nullcontext()):
         try:
             model(tokens)
         except _Stop:
