@@ -113,13 +113,13 @@ def _two_level(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     every seed, the examples (an example is one item seen by every seed)."""
     rng = np.random.default_rng(seed)
     *lead, n_seeds, n_examples = values.shape
-    flat = values.reshape(-1, n_seeds, n_examples)
-    out = np.empty(n_boot)
-    for b in range(n_boot):
-        s = rng.integers(0, n_seeds, n_seeds)
-        e = rng.integers(0, n_examples, n_examples)
-        out[b] = flat[:, s][:, :, e].mean()
-    return out
+    table = values.reshape(-1, n_seeds, n_examples).mean(0)  # the mean is linear: average the leading axes once
+    seeds, examples = np.empty((n_boot, n_seeds)), np.empty((n_boot, n_examples))
+    for b in range(n_boot):  # the draws in the order of a replicate-by-replicate loop (seeded results unchanged)
+        seeds[b] = np.bincount(rng.integers(0, n_seeds, n_seeds), minlength=n_seeds)
+        examples[b] = np.bincount(rng.integers(0, n_examples, n_examples), minlength=n_examples)
+    # A replicate's mean weighs each (seed, example) cell by how often both were drawn.
+    return np.einsum("bs,se,be->b", seeds, table, examples) / (n_seeds * n_examples)
 
 
 def bootstrap_accuracy(correct: Bool[Tensor, "seeds examples"] | np.ndarray, level: float = 0.95,
