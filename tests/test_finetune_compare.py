@@ -8,6 +8,7 @@ import torch
 import mechattr
 from mechattr.finetune import (BottomSites, Full, LoRA, RandomSites, Text, TopSites, TrainConfig, compare, masks,
                                n_trained)
+from mechattr.finetune.compare import Evaluation
 from mechattr.finetune.methods import plain_model
 from mechattr.selection import select
 from mechattr.tasks import cause_effect
@@ -68,6 +69,27 @@ def test_compare_runs_every_method_and_renders(effects, tmp_path):
     assert markdown.count("\n") == 2 + 1 + 4 - 1 and "| base model |" in markdown and "| lora |" in markdown
     saved = json.loads((table.save(tmp_path) / "comparison.json").read_text())
     assert len(saved["rows"]) == 8 and saved["meta"]["reference"] == "precision"
+
+
+
+def test_a_given_evaluation_scores_as_compare_would_and_needs_its_task_and_text(effects):
+    model = mechattr.native_model()
+    data, heldout, other = answered_task(0), answered_task(1), answered_task(2)
+    text = Text(torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(9)), name="noise")
+    methods, config = [TopSites(effects, k=2), RandomSites(effects)], TrainConfig(steps=2, lr=1e-2, batch_size=6)
+    own = compare(mechattr.native_model, data, heldout, methods, config, seeds=(0,), other_task=other, text=text,
+                  progress=False)
+    evaluation = Evaluation(model, data, heldout, other, text)
+    given = compare(mechattr.native_model, data, heldout, methods, config, seeds=(0,), other_task=other, text=text,
+                    evaluation=evaluation, progress=False)
+    assert given.base == own.base
+    scored = ("heldout_metric", "heldout_accuracy", "train_accuracy", "kl_unrelated", "other_metric_change")
+    for a, b in zip(own.rows, given.rows, strict=True):
+        assert (a["method"], a["sites"], a["n_trained"]) == (b["method"], b["sites"], b["n_trained"])
+        assert [a[k] for k in scored] == pytest.approx([b[k] for k in scored], abs=1e-6)
+    with pytest.raises(ValueError, match="other_task and text"):
+        compare(mechattr.native_model, data, heldout, methods, config, seeds=(0,), evaluation=evaluation,
+                progress=False)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from typing import Any
 
 from mechattr import causal
 from mechattr.finetune.methods import BASELINES
+from mechattr.models import DEFAULT_MODEL
 from mechattr.sites import KINDS
 from mechattr.tasks.registry import TASKS
 
@@ -22,7 +23,7 @@ __all__ = ["RunConfig", "CURVE_TASKS", "FULL_CURVES"]
 class RunConfig:
     """What `run` measures and trains (see `mechattr.app.stages` for timings)."""
 
-    model: str = "smollm2-135m"  # name for mechattr.load_model
+    model: str = DEFAULT_MODEL  # name for mechattr.load_model
     networks: tuple[str, ...] = ("asia", "sachs")  # networks of the input-level attribution table
     trials: int = 3  # trials per table (column order, data rows and made-up names redrawn)
     data_tokens: int = 160  # tokens for the data table in each table prompt, beyond the prompt without data
@@ -109,8 +110,8 @@ class RunConfig:
                      component_kinds=("attn_out",), component_layers=(0, 8, 16, 24), component_rows=2,
                      component_examples=4, component_trials=2, candidates=4, top_k=4, steps=4, seeds=(0,),
                      reattribute=("cancer",), curve_heads=(1,), curve_neurons=False, curve_seeds=(0, 1),
-                     curve_draws=1, curve_baselines=("random",), curve_steps=2, curve_rank_examples=8,
-                     curve_heldout=48, fast=True)
+                     curve_draws=1, curve_baselines=("random",), curve_steps=2, curve_rank_examples=4,
+                     curve_heldout=32, fast=True)
         return cls(**{**small, **changes})
 
     @classmethod

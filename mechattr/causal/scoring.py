@@ -2,8 +2,8 @@
 
 A scored model is a `TransformerBridge` (from `mechattr.load_model`): the score of the ordered pair
 (A, B) is log p(" Yes") - log p(" No") for the token after `context + question(A, B)`. A question is a
-stem ("Question: Does A cause") and an ending (" B? Answer:"); the context runs once, each stem once on
-its keys and values, and each pair costs only its ending's tokens.
+stem ("Question: Does A cause") and an ending (" B? Answer:"); the context runs once and the questions
+run in batches on its keys and values, so each pair costs only its question's tokens.
 
 A text model is any `predict(prompt) -> str`. Its answer is parsed by `parse_edges`, deterministically:
 
@@ -33,13 +33,6 @@ __all__ = ["YES", "NO", "score_questions", "parse_edges", "select"]
 YES, NO = " Yes", " No"
 
 
-def _extend(model: Any, cache: Any, tokens: Tensor) -> Any:
-    """A copy of `cache` extended by `tokens` [1, n] (the original is left as it was)."""
-    cache = copy.deepcopy(cache)
-    model(tokens, cache=cache, logits_to_keep=1)
-    return cache
-
-
 def _last_logits(model: Any, prefix: Tensor, cache: Any | None, endings: list[Tensor]) -> Float[Tensor, "n vocab"]:
     """Next-token logits after prefix + ending, for each ending. With a cache (holding exactly `prefix`)
     only the endings run; logits are computed only at the positions some row ends at."""
@@ -62,28 +55,26 @@ def score_questions(model: Any, context: str, questions: Sequence[tuple[str, str
                     batch_size: int = 32) -> Float[Tensor, " question"]:
     """log p(" Yes") - log p(" No") for the token after context + stem + ending, per (stem, ending).
 
-    The context runs once; each distinct stem runs once on top of it; only the endings run per question.
-    Deterministic: no sampling, and the result does not depend on `batch_size` beyond float rounding.
+    The context runs once; the questions (stem and ending) run on its keys and values, `batch_size` at a
+    time. Deterministic: no sampling, and the result does not depend on `batch_size` beyond float rounding.
     """
     yes, no = single_token(model, YES), single_token(model, NO)
     ctx = model.to_tokens(context)  # (1, C), with BOS
-    tokens = lambda text: model.to_tokens(text, prepend_bos=False)  # noqa: E731
+    tokens = lambda text: model.to_tokens(text, prepend_bos=False)[0]  # noqa: E731
+    stems = {stem: tokens(stem) for stem in dict.fromkeys(stem for stem, _ in questions)}
+    asked = [torch.cat([stems[stem], tokens(ending)]) for stem, ending in questions]
     scores = torch.empty(len(questions))
-    by_stem: dict[str, list[int]] = {}
-    for i, (stem, _) in enumerate(questions):
-        by_stem.setdefault(stem, []).append(i)
     with torch.no_grad(), attention_reads_cache(model):
         _, cache = model(ctx, return_type="logits_and_cache", logits_to_keep=1)
         if cache is None or cache.get_seq_length() != ctx.shape[1]:
             cache = None  # the model keeps no usable cache: every question reruns its whole prompt
-        for stem, index in by_stem.items():
-            stem_tokens = tokens(stem)
-            prefix = torch.cat([ctx, stem_tokens], 1)
-            stem_cache = None if cache is None else _extend(model, cache, stem_tokens)
-            for start in range(0, len(index), batch_size):
-                chunk = index[start:start + batch_size]
-                final = _last_logits(model, prefix, stem_cache, [tokens(questions[i][1])[0] for i in chunk])
-                scores[chunk] = (final[:, yes] - final[:, no]).float()
+        # One call per batch, not one per stem: a model call costs far more than a stem's few tokens. Batches
+        # of questions of similar length pad least.
+        order = sorted(range(len(asked)), key=lambda i: len(asked[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            final = _last_logits(model, ctx, cache, [asked[i] for i in chunk])
+            scores[chunk] = (final[:, yes] - final[:, no]).float()
     return scores
 
 

@@ -144,11 +144,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
         print(f"exported the fine-tuned model to {export(setup.model, args.export, result.delta, args.model)}")
     if args.compare:
-        _compare(args, out, effects, precision, (train_task, heldout, other, text), config, seeds)
+        # Without --export the precision run's model is the comparison's base model: its scores are reused.
+        _compare(args, out, effects, precision, (train_task, heldout, other, text), config, seeds,
+                 evaluation if args.export is None else None)
 
 
 def _compare(args: argparse.Namespace, out: Path, effects: list, precision: Any, data: tuple, config: Any,
-             seeds: list[int]) -> None:
+             seeds: list[int], evaluation: Any) -> None:
     """--compare: precision fine-tuning against the --baselines on the same data, steps and seeds."""
     from mechattr import plots
     from mechattr.finetune import TopSites, compare
@@ -162,7 +164,8 @@ def _compare(args: argparse.Namespace, out: Path, effects: list, precision: Any,
                                 significant_only=args.significant_only, tag="precision (attribution)"))
     methods += [METHODS[name].against(effects, args.top_k, args.kv) for name in names(args.baselines)]
     start = time.time()
-    table = compare(lambda: load_model(args), train_task, heldout, methods, config, seeds, other_task=other, text=text)
+    table = compare(lambda: load_model(args), train_task, heldout, methods, config, seeds, other_task=other, text=text,
+                    evaluation=evaluation)
     table.save(out)
     plots.save(plot_comparison(table), out / "comparison.png")
     print(table.to_markdown())

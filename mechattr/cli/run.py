@@ -8,11 +8,11 @@ __all__ = ["add"]
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    from mechattr.app import RunConfig
+    from mechattr.models import DEFAULT_MODEL  # not mechattr.app: every command would import the whole job
 
     r = sub.add_parser("run", help="the main job: knowledge-vs-data attribution, precision fine-tuning of the "
                                    "top sites, re-attribution, report.md")
-    r.add_argument("--model", default=RunConfig.model, help="smollm2-135m (offline), a Hugging Face id or a directory")
+    r.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (offline), a Hugging Face id or a directory")
     r.add_argument("--name", default="main", help="the run's name: it writes runs/<name>/")
     r.add_argument("--out", default=None, help="output directory (overrides --name)")
     size = r.add_mutually_exclusive_group()

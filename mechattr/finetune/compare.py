@@ -115,20 +115,26 @@ class Evaluation:
 
 def compare(base: str | Callable[[], Any], data: Data, heldout: Task, methods: Sequence[Method],
             config: TrainConfig = TrainConfig(), seeds: Sequence[int] = (0, 1, 2), *,
-            other_task: Task | None = None, text: Text | None = None, progress: bool = True) -> ComparisonTable:
+            other_task: Task | None = None, text: Text | None = None, evaluation: Evaluation | None = None,
+            progress: bool = True) -> ComparisonTable:
     """Train every method on `data` with `config` (each seed sets the batch order and any random choice
     of the method) and evaluate it. `base` is a model name for `mechattr.load_model` or a function
     returning a fresh base model; every run trains that one model and its weights are put back after
     (`harness.run_trial`). The first method is the reference (it must not need a target): its
     trained-parameter count is the target of matched baselines (random sites, LoRA). `other_task`
-    defaults to IOI, `text` to `harness.UNRELATED_TEXT`.
+    defaults to IOI, `text` to `harness.UNRELATED_TEXT`. `evaluation`: the caller's `Evaluation` of this
+    base model on these tasks and text, whose base scores are then not computed again (every trained model
+    is still checked before it resumes from them).
     """
     if not methods:
         raise ValueError("compare needs at least one method")
     model = load_model(base) if isinstance(base, str) else base()
-    other_task = other_task if other_task is not None else ioi(model, n=8, seed=0)
-    text = text if text is not None else unrelated_text(model)
-    evaluation = Evaluation(model, data, heldout, other_task, text)
+    if evaluation is None:
+        other_task = other_task if other_task is not None else ioi(model, n=8, seed=0)
+        text = text if text is not None else unrelated_text(model)
+        evaluation = Evaluation(model, data, heldout, other_task, text)
+    elif other_task is None or text is None:
+        raise ValueError("compare: an evaluation comes with the other_task and text it was computed on")
     rows = []
     with tqdm(total=len(seeds) * len(methods), desc="comparing", disable=not progress) as bar:
         for seed in seeds:
