@@ -43,21 +43,25 @@ def test_select_top_k_and_threshold():
 
 @pytest.mark.slow
 def test_shared_prefix_scores_match_full_forwards(smollm2):
-    """Scores reusing the context's and stems' keys and values equal log-odds from whole-prompt runs, and
-    a short attribution run on SmolLM2 keeps its invariants."""
+    """Scores reusing the context's keys and values equal log-odds from whole-prompt runs, one question per
+    batch or several of different lengths padded together, and a short attribution run on SmolLM2 keeps
+    its invariants."""
     problem = causal.load("cancer", n_samples=100)
     cond = causal.conditions(problem, seed=0)["S1"]
     ctx = context(cond, 6)
-    asked = [question("smoking", "lung cancer"), question("smoking", "dyspnoea"),
-             question("lung cancer", "smoking")]
-    scores = causal.score_questions(smollm2, ctx, asked, batch_size=1)
+    names = ["smoking", "lung cancer", "dyspnoea", "X-ray"]  # questions of several token lengths
+    asked = [question(a, b) for a in names for b in names if a != b]
     yes, no = smollm2.to_tokens(" Yes", prepend_bos=False)[0, 0], smollm2.to_tokens(" No", prepend_bos=False)[0, 0]
     with torch.no_grad():
-        for (stem, ending), score in zip(asked, scores):
+        expected = []
+        for stem, ending in asked:
             tokens = torch.cat([smollm2.to_tokens(ctx), smollm2.to_tokens(stem, prepend_bos=False),
                                 smollm2.to_tokens(ending, prepend_bos=False)], 1)
             logits = smollm2(tokens)[0, -1]
-            assert float(score) == pytest.approx(float(logits[yes] - logits[no]), abs=1e-3)
+            expected.append(float(logits[yes] - logits[no]))
+    for batch_size in (1, 5):
+        scores = causal.score_questions(smollm2, ctx, asked, batch_size=batch_size)
+        assert scores.tolist() == pytest.approx(expected, abs=1e-3)
     assert torch.allclose(causal.score_questions(smollm2, ctx, asked, batch_size=8), scores, atol=1e-4)
 
     keep = ["Smoker", "Cancer", "Dyspnoea"]  # 6 ordered pairs keep the run short
