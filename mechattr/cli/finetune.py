@@ -90,7 +90,7 @@ def _model(args: argparse.Namespace) -> Any:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from mechattr import plots
-    from mechattr.finetune import Checkpoint, Text, TopSites, TrainConfig, train
+    from mechattr.finetune import Checkpoint, TopSites, TrainConfig, train
     from mechattr.finetune.compare import Evaluation
     from mechattr.finetune.harness import unrelated_text
     from mechattr.finetune.prefix import first_block
