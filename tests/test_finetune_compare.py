@@ -71,8 +71,7 @@ def test_compare_runs_every_method_and_renders(effects, tmp_path):
     assert len(saved["rows"]) == 8 and saved["meta"]["reference"] == "precision"
 
 
-
-def test_a_given_evaluation_scores_as_compare_would_and_needs_its_task_and_text(effects):
+def test_a_given_evaluation_scores_as_compare_would_and_must_match_its_data(effects):
     model = mechattr.native_model()
     data, heldout, other = answered_task(0), answered_task(1), answered_task(2)
     text = Text(torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(9)), name="noise")
@@ -80,16 +79,16 @@ def test_a_given_evaluation_scores_as_compare_would_and_needs_its_task_and_text(
     own = compare(mechattr.native_model, data, heldout, methods, config, seeds=(0,), other_task=other, text=text,
                   progress=False)
     evaluation = Evaluation(model, data, heldout, other, text)
-    given = compare(mechattr.native_model, data, heldout, methods, config, seeds=(0,), other_task=other, text=text,
-                    evaluation=evaluation, progress=False)
-    assert given.base == own.base
+    given = compare(mechattr.native_model, data, heldout, methods, config, seeds=(0,), evaluation=evaluation,
+                    progress=False)
+    assert given.base == own.base and given.meta == own.meta
     scored = ("heldout_metric", "heldout_accuracy", "train_accuracy", "kl_unrelated", "other_metric_change")
     for a, b in zip(own.rows, given.rows, strict=True):
         assert (a["method"], a["sites"], a["n_trained"]) == (b["method"], b["sites"], b["n_trained"])
         assert [a[k] for k in scored] == pytest.approx([b[k] for k in scored], abs=1e-6)
-    with pytest.raises(ValueError, match="other_task and text"):
-        compare(mechattr.native_model, data, heldout, methods, config, seeds=(0,), evaluation=evaluation,
-                progress=False)
+    with pytest.raises(ValueError, match="other heldout, other_task than"):
+        compare(mechattr.native_model, data, answered_task(3), methods, config, seeds=(0,),
+                other_task=answered_task(2), evaluation=evaluation, progress=False)
 
 
 @pytest.mark.slow

@@ -101,8 +101,8 @@ def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
     first, recipe = blocks("python")
     for python in (first, recipe):
-        done = subprocess.run([sys.executable, "-c", shortened_python(python)], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=900)
+        done = subprocess.run([sys.executable, "-c", shortened_python(python)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "Warning" not in done.stderr, done.stderr[-3000:]
         if python == first:

@@ -94,6 +94,7 @@ class Evaluation:
     metric, all against the base model's values (`base`), computed once."""
 
     def __init__(self, model: Any, data: Data, heldout: Task, other_task: Task, text: Text):
+        self.data, self.heldout, self.other_task, self.text = data, heldout, other_task, text
         others = {"other": other_task, **({"train": data} if isinstance(data, Task) else {})}
         self.scorer = Scorer(model, heldout, others, text)
         base = self.scorer.base
@@ -123,8 +124,8 @@ def compare(base: str | Callable[[], Any], data: Data, heldout: Task, methods: S
     (`harness.run_trial`). The first method is the reference (it must not need a target): its
     trained-parameter count is the target of matched baselines (random sites, LoRA). `other_task`
     defaults to IOI, `text` to `harness.UNRELATED_TEXT`. `evaluation`: the caller's `Evaluation` of this
-    base model on these tasks and text, whose base scores are then not computed again (every trained model
-    is still checked before it resumes from them).
+    base model on `data` and `heldout` (and its own other task and text), whose base scores are then not
+    computed again (every trained model is still checked before it resumes from them).
     """
     if not methods:
         raise ValueError("compare needs at least one method")
@@ -133,8 +134,14 @@ def compare(base: str | Callable[[], Any], data: Data, heldout: Task, methods: S
         other_task = other_task if other_task is not None else ioi(model, n=8, seed=0)
         text = text if text is not None else unrelated_text(model)
         evaluation = Evaluation(model, data, heldout, other_task, text)
-    elif other_task is None or text is None:
-        raise ValueError("compare: an evaluation comes with the other_task and text it was computed on")
+    else:
+        given = {"data": data, "heldout": heldout, "other_task": other_task or evaluation.other_task,
+                 "text": text or evaluation.text}
+        differ = [name for name, value in given.items() if value is not getattr(evaluation, name)]
+        if differ:
+            raise ValueError(f"compare: the evaluation was computed on other {', '.join(differ)} than the ones "
+                             "given; pass the same objects, or no evaluation")
+        other_task, text = evaluation.other_task, evaluation.text
     rows = []
     with tqdm(total=len(seeds) * len(methods), desc="comparing", disable=not progress) as bar:
         for seed in seeds:
