@@ -1,5 +1,6 @@
 """The README's examples run, in order, in an empty directory, and its lists match the registries."""
 
+import json
 import os
 import re
 import shlex
@@ -72,8 +73,9 @@ def test_the_task_list_is_the_registry():
 
 
 def shortened(line: list[str]) -> list[str]:
+    """A README command line with the suite's shorter options: `mechattr`'s arguments, or torchrun's command."""
     if line[0] == "mechattr":
-        return [sys.executable, "-m", "mechattr.cli", *line[1:], *SHORTER.get(line[1], [])]
+        return [*line[1:], *SHORTER.get(line[1], [])]
     assert line[0] == "torchrun", f"no way to run the README's {line[0]!r} in the suite"
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", *line[1:], *SHORTER["torchrun"]]
 
@@ -89,6 +91,42 @@ def test_the_python_examples_are_shortened_where_the_suite_expects():
     assert all(text in first + recipe for text in PYTHON_REPLACE)
 
 
+# The README's Python examples and `mechattr` commands run in one process, in order, each as it would alone
+# (its own globals, or `mechattr.cli.main` with its command line), so the model is loaded once instead of
+# once per command (~20 s each on a test worker's one thread). What a command prints and every warning it
+# raises (a fresh filter registry per command, so none is hidden by an earlier one) is collected per item.
+RUNNER = """
+import contextlib, io, json, sys, traceback, warnings
+from mechattr.cli import main
+
+results = []
+for item in json.load(open(sys.argv[1])):
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \\
+            contextlib.redirect_stderr(err):
+        try:
+            status = main(item["argv"]) if "argv" in item else exec(item["python"], {"__name__": "__main__"}) or 0
+        except Exception:
+            traceback.print_exc()
+            status = 1
+    err.writelines(f"{w.category.__name__}: {w.message}\\n" for w in caught)
+    results.append({"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()})
+    json.dump(results, open(sys.argv[2], "w"))
+    if status:
+        break
+"""
+
+
+def run_in_one_process(items: list[dict], cwd: Path, env: dict) -> list[dict]:
+    (cwd / "items.json").write_text(json.dumps(items))
+    done = subprocess.run([sys.executable, "-c", RUNNER, "items.json", "results.json"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Native code writes its warnings past Python's sys.stderr.
+    assert "Warning" not in done.stderr, done.stderr[-3000:]
+    return json.loads((cwd / "results.json").read_text())
+
+
 @pytest.mark.slow
 def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
     # Each command uses the threads this process may use (every core, or a test worker's share);
@@ -99,26 +137,28 @@ def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
     shutil.copytree(quick_run[0], run_out)
     (run_out / "report.md").unlink()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    first, recipe = blocks("python")
-    for python in (first, recipe):
-        done = subprocess.run([sys.executable, "-c", shortened_python(python)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "Warning" not in done.stderr, done.stderr[-3000:]
-        if python == first:
-            assert (tmp_path / "resid_pre.png").stat().st_size > 1000 and "Site(" in done.stdout
-    assert (tmp_path / "tuned" / "model.safetensors").is_file() and "->" in done.stdout
-    for line in commands():
-        line_env = {**env, "OMP_NUM_THREADS": "1"} if line[0] == "torchrun" else env
-        done = subprocess.run(shortened(line), cwd=tmp_path, env=line_env, capture_output=True, text=True,
-                              timeout=1800)
-        assert done.returncode == 0, f"{' '.join(line)}:\n{done.stderr[-3000:]}"
-        if line[0] == "mechattr":  # torchrun itself prints a notice about OMP_NUM_THREADS
-            assert "Warning" not in done.stderr, f"{' '.join(line)}:\n{done.stderr[-3000:]}"
+    lines = commands()
+    assert lines[-1][0] == "torchrun" and all(line[0] == "mechattr" for line in lines[:-1])
+    items = [{"python": shortened_python(code)} for code in blocks("python")]
+    items += [{"argv": shortened(line)} for line in lines[:-1]]
+    results = run_in_one_process(items, tmp_path, env)
+    first, recipe, *ran = results
+    assert len(results) == len(items) and all(result["status"] == 0 for result in results), (
+        f"{items[len(results) - 1]}:\n{results[-1]['stderr'][-3000:]}")
+    assert (tmp_path / "resid_pre.png").stat().st_size > 1000 and "Site(" in first["stdout"]
+    assert (tmp_path / "tuned" / "model.safetensors").is_file() and "->" in recipe["stdout"]
+    assert not any("Warning" in result["stderr"] for result in (first, recipe)), first["stderr"] + recipe["stderr"]
+    for line, result in zip(lines[:-1], ran):
+        assert "Warning" not in result["stderr"], f"{' '.join(line)}:\n{result['stderr'][-3000:]}"
         if line[:2] == ["mechattr", "run"]:
-            assert "mechattr run:" not in done.stderr, f"a stage was computed again:\n{done.stderr[-3000:]}"
+            assert "mechattr run:" not in result["stderr"], f"a stage was computed again:\n{result['stderr']}"
             assert (run_out / "report.md").is_file()
         out = dict(zip(line, line[1:])).get("--out")
         assert out is None or (tmp_path / out).is_dir(), f"{' '.join(line)} wrote no {out}"
+    # torchrun starts its own processes; itself it prints a notice about OMP_NUM_THREADS.
+    done = subprocess.run(shortened(lines[-1]), cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"{' '.join(lines[-1])}:\n{done.stderr[-3000:]}"
+    assert (tmp_path / "runs/ioi_2ranks").is_dir()
     assert (tmp_path / "runs/ioi_check/verification.json").is_file()
     assert (tmp_path / "runs/ce_finetune/comparison.md").is_file()
