@@ -1,6 +1,8 @@
 """Budget curves on the small native model: every method at every budget, matched parameter counts,
 paired statistics, verdicts and the saved form."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -21,11 +23,17 @@ def curves():
                          "atp": mechattr.attribute(model, task, mechattr.grid(model, "z"), "atp")},
                 "neuron": {"exact": mechattr.patch(model, task, mechattr.grid(model, "neuron"), progress=False),
                            "atp": mechattr.attribute(model, task, mechattr.grid(model, "neuron"), "atp")}}
-    plan = BudgetPlan(heads=(1, 2), seeds=(0, 1), draws=2, config=TrainConfig(steps=3, lr=1e-2, batch_size=6),
-                      lora_targets=("q", "v"))
+    return model, rankings, _curves(rankings, PLAN)
+
+
+PLAN = BudgetPlan(heads=(1, 2), seeds=(0, 1), draws=2, config=TrainConfig(steps=3, lr=1e-2, batch_size=6),
+                  lora_targets=("q", "v"))
+
+
+def _curves(rankings: dict, plan: BudgetPlan) -> BudgetCurves:
     text = Text(torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(9)), name="noise")
-    return model, rankings, budget_curves(mechattr.native_model, task, answered_task(1), rankings, plan,
-                                          others=[answered_task(2)], text=text, progress=False)
+    return budget_curves(mechattr.native_model, answered_task(0), answered_task(1), rankings, plan,
+                         others=[answered_task(2)], text=text, progress=False)
 
 
 def test_every_method_runs_at_every_budget_with_matched_parameters(curves):
@@ -107,6 +115,31 @@ def test_saved_curves_load_to_the_same_statistics(curves, tmp_path):
     assert (tmp_path / "curves.md").read_text().count("| head | 1 | exact |") == 1
     with pytest.raises(FileNotFoundError, match="no budget curves"):
         BudgetCurves.load(tmp_path / "elsewhere")
+
+
+def _seeds(result: BudgetCurves, seeds: set[int]) -> BudgetCurves:
+    return BudgetCurves(tuple(r for r in result.rows if r["seed"] in seeds),
+                        {k: v for k, v in result.correct.items() if k[3] in seeds}, result.base, result.base_correct,
+                        {**result.meta, "seeds": sorted(seeds)})
+
+
+def test_seeds_run_apart_combine_to_the_same_statistics(curves):
+    model, rankings, result = curves
+    seed_1 = _curves(rankings, replace(PLAN, seeds=(1,)))
+    combined = BudgetCurves.combine(_seeds(result, {0}), seed_1)
+    key = lambda entry: (entry["kind"], entry["budget"], entry["method"])  # noqa: E731
+    drop = lambda entry: {k: v for k, v in entry.items() if k != "wall_s"}  # noqa: E731
+    assert sorted(map(drop, combined.summary()), key=key) == sorted(map(drop, result.summary()), key=key)
+    assert combined.meta["seeds"] == [0, 1] and len(combined.rows) == len(result.rows)
+
+    with pytest.raises(ValueError, match="run \\(.*, 1, 0\\) \\(kind, budget, method, seed, draw\\) is in two parts"):
+        BudgetCurves.combine(result, seed_1)
+    other_draws = replace(seed_1, meta={**seed_1.meta, "draws": 3})
+    with pytest.raises(ValueError, match="differ in draws;"):
+        BudgetCurves.combine(_seeds(result, {0}), other_draws)
+    flipped = replace(seed_1, base_correct=~seed_1.base_correct)
+    with pytest.raises(ValueError, match="differ in the base model's held-out correctness"):
+        BudgetCurves.combine(_seeds(result, {0}), flipped)
 
 
 def test_bad_plans_and_rankings_are_refused(curves):

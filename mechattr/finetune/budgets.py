@@ -206,6 +206,34 @@ class BudgetCurves:
         return cls(tuple(data["rows"]), correct, data["base"], torch.tensor(data["base_correct"], dtype=torch.bool),
                    data["meta"])
 
+    @classmethod
+    def combine(cls, *parts: "BudgetCurves") -> "BudgetCurves":
+        """One comparison from parts run separately with other seeds (say, seeds 5-9 added to 0-4 to narrow
+        the intervals): the parts must agree on everything but their seeds (task, splits, base model's
+        held-out correctness, budgets, draws, training settings) and share no run."""
+        first, *rest = parts
+        same = {key: value for key, value in first.meta.items() if key not in ("seeds", "notes")}
+        same["config"] = {**same.get("config", {}), "seed": None}
+        correct = dict(first.correct)
+        for part in rest:
+            other = {**{k: v for k, v in part.meta.items() if k not in ("seeds", "notes")},
+                     "config": {**part.meta.get("config", {}), "seed": None}}
+            differ = sorted(k for k in same.keys() | other.keys() if same.get(k) != other.get(k))
+            if not torch.equal(part.base_correct, first.base_correct):
+                differ.append("the base model's held-out correctness")
+            if differ:
+                raise ValueError(f"BudgetCurves.combine: the parts differ in {', '.join(differ)}; only runs of "
+                                 "one plan on one task with other seeds combine")
+            repeated = sorted(set(correct) & set(part.correct))
+            if repeated:
+                raise ValueError(f"BudgetCurves.combine: run {repeated[0]} (kind, budget, method, seed, draw) is in "
+                                 f"two parts; give each part its own seeds")
+            correct.update(part.correct)
+        seeds = sorted({s for part in parts for s in part.meta.get("seeds", ())})
+        notes = list(dict.fromkeys(n for part in parts for n in part.meta.get("notes", ())))
+        return cls(tuple(r for part in parts for r in part.rows), correct, first.base, first.base_correct,
+                   {**first.meta, "seeds": seeds, "notes": notes})
+
 
 def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
     """A markdown table of `BudgetCurves.summary()`: one row per (units, budget, method)."""
