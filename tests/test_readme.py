@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mechattr.cli import _parser
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Long jobs, shortened for the suite by options appended to the command (the last of a repeated option
 # wins). Each command is still checked to start, read its options, compute and write its outputs without a
@@ -22,8 +24,10 @@ SHORTER = {"run": ["--quick"], "patch": ["--examples", "2", "--layers", "29"], "
            "verify": ["--top", "3", "--sample", "4"], "discover": ["--examples", "2", "--points", "3", "--no-prune"],
            "finetune": ["--steps", "1", "--seeds", "0", "--baselines", "random"],
            "curves": ["--heads", "1", "--no-neurons", "--seeds", "0", "--draws", "1", "--baselines", "random",
-                      "--steps", "1", "--rank-examples", "2", "--heldout-examples", "8"],
-           "torchrun": ["--examples", "2", "--layers", "29"]}
+                      "--steps", "1", "--rank-examples", "2", "--heldout-examples", "8"]}
+# The README's torchrun line is the launch test_cli runs and checks against one process
+# (test_distributed_patch_under_torchrun_equals_one_process): here its command line is checked, not run again.
+TORCHRUN = ["torchrun", "--nproc-per-node", "2", "-m", "mechattr.cli", "patch", "--distributed"]
 # The same for the Python examples: each replacement must find its text, so an edited README is still shortened.
 PYTHON_REPLACE = {"n=8)": "n=2)", '"resid_pre", task.n_pos)': '"resid_pre", task.n_pos, layers=[0, 29])',
                   "slice(0, 16)": "slice(0, 2)", "steps=20": "steps=1",
@@ -73,11 +77,9 @@ def test_the_task_list_is_the_registry():
 
 
 def shortened(line: list[str]) -> list[str]:
-    """A README command line with the suite's shorter options: `mechattr`'s arguments, or torchrun's command."""
-    if line[0] == "mechattr":
-        return [*line[1:], *SHORTER.get(line[1], [])]
-    assert line[0] == "torchrun", f"no way to run the README's {line[0]!r} in the suite"
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", *line[1:], *SHORTER["torchrun"]]
+    """A README `mechattr` command line's arguments with the suite's shorter options."""
+    assert line[0] == "mechattr", f"no way to run the README's {line[0]!r} in the suite"
+    return [*line[1:], *SHORTER.get(line[1], [])]
 
 
 def shortened_python(code: str) -> str:
@@ -129,8 +131,7 @@ def run_in_one_process(items: list[dict], cwd: Path, env: dict) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
-    # Each command uses the threads this process may use (every core, or a test worker's share);
-    # torchrun's processes take one thread each.
+    # Each command uses the threads this process may use (every core, or a test worker's share).
     # `mechattr run` finds its stages done in its output directory (a copy of the quick run) and writes
     # the report from their records: the command and its resuming are what is checked here.
     run_out = tmp_path / "runs" / "main"
@@ -138,7 +139,9 @@ def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
     (run_out / "report.md").unlink()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
     lines = commands()
-    assert lines[-1][0] == "torchrun" and all(line[0] == "mechattr" for line in lines[:-1])
+    assert lines[-1][:len(TORCHRUN)] == TORCHRUN and all(line[0] == "mechattr" for line in lines[:-1])
+    args = _parser().parse_args(lines[-1][len(TORCHRUN) - 2:])
+    assert args.distributed and args.out == "runs/ioi_2ranks"
     items = [{"python": shortened_python(code)} for code in blocks("python")]
     items += [{"argv": shortened(line)} for line in lines[:-1]]
     results = run_in_one_process(items, tmp_path, env)
@@ -155,10 +158,5 @@ def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
             assert (run_out / "report.md").is_file()
         out = dict(zip(line, line[1:])).get("--out")
         assert out is None or (tmp_path / out).is_dir(), f"{' '.join(line)} wrote no {out}"
-    # torchrun starts its own processes; itself it prints a notice about OMP_NUM_THREADS.
-    done = subprocess.run(shortened(lines[-1]), cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, f"{' '.join(lines[-1])}:\n{done.stderr[-3000:]}"
-    assert (tmp_path / "runs/ioi_2ranks").is_dir()
     assert (tmp_path / "runs/ioi_check/verification.json").is_file()
     assert (tmp_path / "runs/ce_finetune/comparison.md").is_file()
