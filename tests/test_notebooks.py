@@ -85,6 +85,10 @@ def test_ioi_circuit(monkeypatch):
     assert s["atp_spearman"] > 0.5
     assert s["circuit_faithfulness"] > 0.7
     assert 0 < s["circuit_size"] < s["circuit_candidates"] / 2
+    # MIB faithfulness against random rankings of the same nodes: integrated gradients' circuits beat
+    # chance on CPR, and every ranking's on CMD (AtP's signed order need not: the notebook shows why).
+    assert s["mib_cpr"]["ig"] > s["mib_random_cpr"] > 0
+    assert max(s["mib_cmd"].values()) < s["mib_random_cmd"]
 
 
 @pytest.mark.slow
