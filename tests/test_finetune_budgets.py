@@ -140,6 +140,8 @@ def test_seeds_run_apart_combine_to_the_same_statistics(curves):
     flipped = replace(seed_1, base_correct=~seed_1.base_correct)
     with pytest.raises(ValueError, match="differ in the base model's held-out correctness"):
         BudgetCurves.combine(_seeds(result, {0}), flipped)
+    with pytest.raises(ValueError, match="at least one part"):
+        BudgetCurves.combine()
 
 
 def test_bad_plans_and_rankings_are_refused(curves):

@@ -211,13 +211,18 @@ class BudgetCurves:
         """One comparison from parts run separately with other seeds (say, seeds 5-9 added to 0-4 to narrow
         the intervals): the parts must agree on everything but their seeds (task, splits, base model's
         held-out correctness, budgets, draws, training settings) and share no run."""
+        if not parts:
+            raise ValueError("BudgetCurves.combine needs at least one part")
+
+        def plan(meta: dict[str, Any]) -> dict[str, Any]:  # what the parts must share: all but the seeds
+            kept = {key: value for key, value in meta.items() if key not in ("seeds", "notes")}
+            return {**kept, "config": {**meta.get("config", {}), "seed": None}}
+
         first, *rest = parts
-        same = {key: value for key, value in first.meta.items() if key not in ("seeds", "notes")}
-        same["config"] = {**same.get("config", {}), "seed": None}
+        same = plan(first.meta)
         correct = dict(first.correct)
         for part in rest:
-            other = {**{k: v for k, v in part.meta.items() if k not in ("seeds", "notes")},
-                     "config": {**part.meta.get("config", {}), "seed": None}}
+            other = plan(part.meta)
             differ = sorted(k for k in same.keys() | other.keys() if same.get(k) != other.get(k))
             if not torch.equal(part.base_correct, first.base_correct):
                 differ.append("the base model's held-out correctness")

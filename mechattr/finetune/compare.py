@@ -135,8 +135,9 @@ def compare(base: str | Callable[[], Any], data: Data, heldout: Task, methods: S
         text = text if text is not None else unrelated_text(model)
         evaluation = Evaluation(model, data, heldout, other_task, text)
     else:
-        given = {"data": data, "heldout": heldout, "other_task": other_task or evaluation.other_task,
-                 "text": text or evaluation.text}
+        given = {"data": data, "heldout": heldout,
+                 "other_task": evaluation.other_task if other_task is None else other_task,
+                 "text": evaluation.text if text is None else text}
         differ = [name for name, value in given.items() if value is not getattr(evaluation, name)]
         if differ:
             raise ValueError(f"compare: the evaluation was computed on other {', '.join(differ)} than the ones "
