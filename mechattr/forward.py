@@ -120,11 +120,12 @@ class Forward:
         """Whether runs can start at a later position (needs an explicit mask and the captured cache)."""
         return bool(self.keys_values) and torch.is_tensor(self.block_kwargs[0].get("attention_mask"))
 
-    def cache(self, names: Iterable[str] = ()) -> tuple[Float[Tensor, "n vocab"], dict[str, Tensor]]:
+    def cache(self, names: Iterable[str] = (), prove: bool = True) -> tuple[Float[Tensor, "n vocab"], dict[str, Tensor]]:
         """The unpatched run: last-position logits and the activations at hook `names`. On a bridge the
         same pass records each block's inputs and the keys and values that later runs resume from; the
-        first time a model is seen, the resumed path is proved against it (see `_prove`)."""
-        if self.resumable and self.model not in _VERDICTS:
+        first time a model is seen, the resumed path is proved against it (see `_prove`). `prove=False`
+        skips that proof: for a caller that compares every resumed run it uses with the full forward."""
+        if prove and self.resumable and self.model not in _VERDICTS:
             last = None if self.last is None else self.last[:_PROBE_ROWS]
             verdict = _prove(self.model, self.tokens[:_PROBE_ROWS], last)
             _VERDICTS[self.model] = verdict

@@ -2,6 +2,7 @@
 numbers, prove themselves on the model at hand, and fall back (and say so) where they cannot."""
 
 import hashlib
+import inspect
 from dataclasses import replace
 
 import pytest
@@ -115,6 +116,24 @@ def test_a_changed_lower_block_is_caught_and_scoring_falls_back(tiny):
     assert fallback == task_scores(model, task)
     with pytest.raises(ValueError, match="the prefix holds another batch"):
         task_scores(model, answered_task(2, n=5), prefix=prefix, layer=1)
+
+
+def test_a_resumed_path_that_fails_to_run_falls_back_to_full_forwards():
+    # A model whose blocks run only inside its own forward: the resumed path, which calls them directly,
+    # raises, and the prefix (which proves itself by its own check, not the engine's proof) says so.
+    model, task = mechattr.native_model(), answered_task(1)
+    prefix = Prefix(task.clean, task.last).fill(model)
+
+    def outside_only(module, args):
+        if not any(isinstance(frame.f_locals.get("self"), type(model)) for frame, *_ in inspect.stack()):
+            raise RuntimeError("block called outside the model")
+    for block in model.blocks:
+        block.register_forward_pre_hook(outside_only)
+    assert "from block 1, the resumed forward fails to run: RuntimeError: block called outside the model" == \
+        prefix.check(model, 1)
+    with pytest.warns(FastPathWarning, match="fails to run.*runs full forwards for it instead"):
+        fallback = task_scores(model, task, prefix=prefix, layer=1)
+    assert fallback == task_scores(model, task)
 
 
 def test_kl_and_log_probs_resume_exactly(tiny):

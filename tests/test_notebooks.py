@@ -99,8 +99,8 @@ def test_precision_finetuning(monkeypatch):
     assert s["delta_roundtrip_max_diff"] == 0.0
     assert s["precision_n_trained"] < s["full_n_trained"] / 100
     assert s["trained_metric"] > s["base_metric"]
-    # Budget curves: exact, AtP and random at one budget and two seeds; random heads drawn to the same size.
-    assert s["curve_rows"] == 3 * 2
+    # Budget curves: exact, AtP and random at one budget and one seed; random heads drawn to the same size.
+    assert s["curve_rows"] == 3
     assert s["curve_n_trained"]["random 1"] == pytest.approx(s["curve_n_trained"]["exact 1"], rel=0.2)
     assert s["curve_accuracies_in_unit_interval"]
     # The exported folder, loaded by plain transformers, is the model mechattr trained.
