@@ -4,8 +4,8 @@ The package in layers, each built on the ones before it:
 
 - the engine: `models` (loading, and the facts the engine reads off a model), `gguf` (GGUF files),
   `families` (the architectures checked), `sites`, `interventions`, `tasks`, `forward` (resumed
-  forwards), `runs` (a task's two unpatched runs), `patching`, `effects` (labelled results), `graph`
-  (nodes and edges), `sweeps` and `distributed` (scale);
+  forwards), `runs` (a task's two unpatched runs), `cells` (patched runs), `patching`, `effects`
+  (labelled results), `graph` (nodes and edges), `sweeps` and `distributed` (scale);
 - the estimates: `attribution`, `relevance` (RelP's rules), `edges`, `ablation`, `circuits`,
   `faithfulness` (MIB's measure of a ranking), `verification`, `selection`;
 - shared: `stats`, `storage`;
@@ -23,6 +23,7 @@ from mechattr.circuits import discover
 from mechattr.effects import Effects
 from mechattr.models import load_model, native_model
 from mechattr.patching import patch
+from mechattr.runs import unpatched
 from mechattr.selection import select
 from mechattr.sites import Site, grid
 from mechattr.tasks import Task
@@ -33,8 +34,8 @@ try:
 except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "load_model", "native_model", "Site", "grid", "Task", "interventions", "patch", "attribute",
-           "Effects", "select", "verify", "discover", "tasks", "plots", "finetune"]
+__all__ = ["__version__", "load_model", "native_model", "Site", "grid", "Task", "interventions", "unpatched", "patch",
+           "attribute", "Effects", "select", "verify", "discover", "tasks", "plots", "finetune"]
 
 # Imported on first use: matplotlib and the trainer cost seconds that patching alone does not need.
 _LAZY = ("plots", "finetune", "causal")

@@ -5,7 +5,10 @@ rebuilt from the current run: the residual it reads minus, for each ablated edge
 (current - ablated) contribution. K circuits run as K stacked copies of the batch in one forward.
 
 `NodeAblator`: every node outside a circuit is set to its ablated value, the circuits run as patched
-cells (`patching.run_cells`), resumed at their earliest ablated block.
+cells (`mechattr.cells`), resumed at their earliest ablated block.
+
+Both take a model and a task, or (`EdgeAblator.of`, `NodeAblator.of`) unpatched runs shared with an
+estimate (`discover` ranks and evaluates on one pair of runs).
 """
 
 from typing import Any, Sequence
@@ -14,13 +17,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechattr.forward import Forward
 from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contributions, input_hook, n_inputs,
                             output_hook, receive, receiver_groups)
+from mechattr.cells import run_cells
 from mechattr.interventions import Intervention, Noise
 from mechattr.models import model_shape
-from mechattr.patching import run_cells
-from mechattr.runs import Runs, check_intervention, unpatched
+from mechattr.runs import Runs, check_intervention
 from mechattr.sites import Site, hook_name
 from mechattr.tasks import Task
 
@@ -105,7 +107,18 @@ class EdgeAblator:
     runs are cached once, so each call costs one forward per `_COPIES` circuits."""
 
     def __init__(self, model: Any, task: Task, ablation: Intervention = Noise(), edges: Sequence[Edge] | None = None):
-        self.model, self.task = model, task
+        self._setup(Runs(model, task, ablation), edges)
+
+    @classmethod
+    def of(cls, runs: Runs, edges: Sequence[Edge] | None = None) -> "EdgeAblator":
+        """An ablator on unpatched runs shared with other consumers; `runs.intervention` is the ablation."""
+        ablator = cls.__new__(cls)
+        ablator._setup(runs, edges)
+        return ablator
+
+    def _setup(self, runs: Runs, edges: Sequence[Edge] | None) -> None:
+        model, task, ablation = runs.model, runs.task, runs.intervention
+        self.model, self.task, self.runs = model, task, runs
         self.edges = list(all_edges(model) if edges is None else edges)
         check_intervention(task, ablation, self.edges)
         self.send = list(dict.fromkeys(e.sender for e in self.edges))
@@ -115,11 +128,10 @@ class EdgeAblator:
         # Head receivers are rebuilt by their receiver functions, which must reproduce the model's own.
         heads = {key: sites for key, sites in receiver_groups(model, self.edges).items() if key[0] in HEAD_INPUTS}
         checked = {name for kind, layer in heads for name in (input_hook(kind, layer), output_hook(kind, layer))}
-        self.runs = unpatched(model, task, ablation, sorted({s.hook for s in self.send}), base_hooks=sorted(checked))
-        base, source = self.runs.base, self.runs.source
+        runs.record(sorted({s.hook for s in self.send}), base_hooks=sorted(checked))
+        base, source = runs.base, runs.source
         check_receivers(model, heads, base.acts)
         self.values = {s.hook: ablation(base.acts[s.hook], source.acts[s.hook]) for s in self.send}
-        self.forward = Forward(model, task.tokens(ablation.base_run), resumable=False, last=task.last)
 
     def _mask(self, circuits: Sequence[set[Edge]]) -> Tensor:
         ablated = torch.zeros(len(circuits), len(self.send), len(self.recv), dtype=torch.bool,
@@ -137,7 +149,7 @@ class EdgeAblator:
         out = []
         for start in range(0, len(circuits), _COPIES):
             chunk = ablated[start:start + _COPIES]
-            logits = self.forward.run(chunk.shape[0], _Ablation(self.model, self.send, self.recv, chunk,
+            logits = self.runs.forward.run(chunk.shape[0], _Ablation(self.model, self.send, self.recv, chunk,
                                                                 self.values).hooks())
             out.append(readout(logits).reshape(chunk.shape[0], -1))
         return torch.cat(out)
@@ -149,12 +161,22 @@ class NodeAblator:
     the circuits as patched cells, resumed at their earliest ablated block)."""
 
     def __init__(self, model: Any, task: Task, candidates: Sequence[Site], ablation: Intervention):
-        layers = range(model_shape(model)["n_layers"])
-        names = sorted({s.hook for s in candidates} | {hook_name("resid_pre", layer) for layer in layers})
-        self.runs: Runs = unpatched(model, task, ablation, names, resumable=True)
-        self.values = {s: self.runs.value(ablation, s) for s in candidates}
+        self._setup(Runs(model, task, ablation), candidates)
+
+    @classmethod
+    def of(cls, runs: Runs, candidates: Sequence[Site]) -> "NodeAblator":
+        """An ablator on unpatched runs shared with other consumers; `runs.intervention` is the ablation."""
+        ablator = cls.__new__(cls)
+        ablator._setup(runs, candidates)
+        return ablator
+
+    def _setup(self, runs: Runs, candidates: Sequence[Site]) -> None:
         # Cells never resume at block 0: the embedding runs before it, so an embed patch needs the full forward.
-        self.resid = self.runs.resid(layers[1:])
+        self.layers = list(range(1, model_shape(runs.model)["n_layers"]))
+        runs.record(sorted({s.hook for s in candidates}),
+                    base_hooks=[hook_name("resid_pre", layer) for layer in self.layers], resumable=True)
+        self.runs = runs
+        self.values = {s: runs.value(s) for s in candidates}
 
     def __call__(self, circuits: Sequence[set[Site]]) -> Tensor:
         cells = [[(s, v) for s, v in self.values.items() if s not in circuit] for circuit in circuits]
@@ -162,6 +184,5 @@ class NodeAblator:
         todo = [i for i, c in enumerate(cells) if c]
         out[[i for i, c in enumerate(cells) if not c]] = self.runs.base_metric  # nothing ablated: the base run
         if todo:
-            out[todo] = run_cells(self.runs.forward, [cells[i] for i in todo], self.resid, self.runs.readout(),
-                                  desc="circuits")
+            out[todo] = run_cells(self.runs, [cells[i] for i in todo], self.layers, desc="circuits")
         return out

@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechattr.effects import Effects
-from mechattr.interventions import INTERVENTIONS, Denoise, Intervention
+from mechattr.interventions import INTERVENTIONS, Intervention
 from mechattr.models import final_hook, model_shape
 from mechattr.relevance import rules
-from mechattr.runs import Pass, Runs, check_intervention, gradient_pass, unpatched
+from mechattr.runs import Pass, Runs, check_intervention, gradient_pass, setup
 from mechattr.sites import KINDS, Grid, Site, hook_name, validate
 from mechattr.tasks import Task
 
@@ -52,12 +51,11 @@ def _reduce(kind: str, product: Tensor) -> Tensor:
     return product.sum(axes) if axes else product
 
 
-def _lookup(kind: str, table: Tensor, sites: Sequence[Site], all_pos: Tensor | None = None,
-            named: dict[str, Tensor] | None = None) -> Tensor:
+def _lookup(kind: str, table: Tensor, sites: Sequence[Site], task: Task, all_pos: Tensor | None = None) -> Tensor:
     """Each site's entry of `table` [n, *named dims] -> [sites, n]; an axis a site leaves as None is
     summed, except that `all_pos` [n, *other dims] replaces the sum over positions when given
     (patching every position at once is not the sum of patching each one where the QK fix applies).
-    A site at a named position reads each example at its own index, `named[pos]` [n]."""
+    A site at a named position reads each example at its own index of it (`Task.index_at`)."""
     dims = _named_dims(kind)
     n = table.shape[0]
     out = torch.empty(len(sites), n, dtype=table.dtype, device=table.device)
@@ -74,7 +72,7 @@ def _lookup(kind: str, table: Tensor, sites: Sequence[Site], all_pos: Tensor | N
         if by_name:
             # (members, n) indices: the example axis broadcast against each site's own coordinates.
             rows = torch.arange(n, device=table.device)[None]
-            index = [torch.stack([named[sites[i].pos] for i in members]).to(table.device) if d == "pos" else
+            index = [torch.stack([task.index_at(sites[i]) for i in members]).to(table.device) if d == "pos" else
                      torch.tensor([getattr(sites[i], d) for i in members], device=table.device)[:, None] for d in kept]
             out[members] = t[(rows, *index)]
             continue
@@ -93,10 +91,10 @@ class _Term:
     contract: Callable[[Tensor], Tensor]  # gradient [n, *act] at `hook` -> estimates [sites, n]
 
 
-def _plain_term(index, sites, delta: Tensor, named: dict[str, Tensor]) -> _Term:
+def _plain_term(index, sites, delta: Tensor, task: Task) -> _Term:
     kind = sites[0].kind
     return _Term(index, sites[0].layer, sites[0].hook,
-                 lambda g: _lookup(kind, _reduce(kind, delta * g), sites, named=named))
+                 lambda g: _lookup(kind, _reduce(kind, delta * g), sites, task))
 
 
 # The QK fix ---------------------------------------------------------------------------------------
@@ -110,7 +108,7 @@ def _scores(q: Tensor, k: Tensor) -> Tensor:
     return s.masked_fill(torch.ones(n_pos, n_pos, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
 
 
-def _qk_terms(layer, groups, base, source, intervention, named) -> list[_Term]:
+def _qk_terms(layer, groups, base, source, intervention, task: Task) -> list[_Term]:
     """Terms for the q and k sites of one layer: the pattern under the patched queries or keys is
     computed exactly, then linearised: change = sum (pattern_new - pattern) * d metric / d pattern."""
     rotary = hook_name("rot_q", layer) in base
@@ -139,7 +137,7 @@ def _qk_terms(layer, groups, base, source, intervention, named) -> list[_Term]:
 
         def contract_q(g, dq=dq, sites=sites):
             table = (dq * g).sum(-1).transpose(1, 2)  # (n, T, H)
-            return _lookup("q", table, sites, named=named)
+            return _lookup("q", table, sites, task)
         terms.append(_Term(index, layer, pattern_hook, contract_q))
     if "k" in groups:
         index, sites = groups["k"]
@@ -155,12 +153,12 @@ def _qk_terms(layer, groups, base, source, intervention, named) -> list[_Term]:
             n = per_head.shape[0]
             table = per_head.reshape(n, n_kv, -1, n_pos).sum(2).transpose(1, 2)  # (n, s, kv)
             all_pos = (dk_all * g).sum((-1, -2)).reshape(n, n_kv, -1).sum(2)  # (n, kv)
-            return _lookup("k", table, sites, all_pos, named)
+            return _lookup("k", table, sites, task, all_pos)
         terms.append(_Term(index, layer, pattern_hook, contract_k))
     return terms
 
 
-def _terms(grid, base, source, intervention, qk_fix: bool, named: dict[str, Tensor]) -> list[_Term]:
+def _terms(grid, base, source, intervention, qk_fix: bool, task: Task) -> list[_Term]:
     groups: dict[tuple[str, int], tuple[list[int], list[Site]]] = {}
     for i, site in enumerate(grid):
         index, sites = groups.setdefault((site.kind, site.layer), ([], []))
@@ -173,9 +171,9 @@ def _terms(grid, base, source, intervention, qk_fix: bool, named: dict[str, Tens
             continue
         hook = sites[0].hook
         # float32 products: a half-precision sum over d_model would round away small effects.
-        terms.append(_plain_term(index, sites, (intervention(base[hook], source[hook]) - base[hook]).float(), named))
+        terms.append(_plain_term(index, sites, (intervention(base[hook], source[hook]) - base[hook]).float(), task))
     for layer, qk in by_layer.items():
-        terms.extend(_qk_terms(layer, qk, base, source, intervention, named))
+        terms.extend(_qk_terms(layer, qk, base, source, intervention, task))
     return terms
 
 
@@ -267,39 +265,47 @@ def ig_pass(runs: Runs, names: set[str], steps: int,
     return Pass(first.metric[:n], first.logits[:n], acts, {k: v / steps for k, v in sums.items()}, {})
 
 
-def attribute(model: Any, task: Task, sites: Grid | Sequence[Site], method: str = "atp", *, steps: int = 8,
-              intervention: Intervention = Denoise(), graddrop: bool = True) -> Effects:
+def attribute(model: Any, task: Task | Grid | Sequence[Site] | None = None, sites: Grid | Sequence[Site] | str | None = None,
+              method: str = "atp", *, steps: int = 8, intervention: Intervention | None = None,
+              graddrop: bool = True) -> Effects:
     """Estimate `patch(model, task, sites, intervention)` for every site from one source forward and one
     base forward and backward. "ig" runs `steps` points; "atp*" adds one partial backward per layer for
     GradDrop (`graddrop=False` keeps only its QK fix, at the cost of "atp").
 
+    `attribute(model, task, sites, method, intervention=Denoise())`, or `attribute(runs, sites, method)` on
+    unpatched runs shared with other calls (`mechattr.unpatched`); the gradients are a pass of their own.
     Returns an `Effects` like `patch`: `values` [grid] and `per_example` [grid, example] are the base
     metric plus the estimated change; `method` names the estimate. The intervention is applied to each
     hook's whole activation, so `GaussianNoise` draws its noise once per hook, not once per site as
     `patch` does.
     """
+    if isinstance(model, Runs) and isinstance(sites, str):  # attribute(runs, sites, "atp")
+        sites, method = None, sites
+    runs: Runs
+    runs, sites = setup(model, task, sites, intervention, "attribute")
+    if sites is None:
+        raise TypeError("attribute(model, task, sites): the sites are missing")
     grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
-    _check(method, intervention, steps)
-    validate(grid.sites, model, task.n_pos)
-    _check_positions(task, grid, intervention)
+    _check(method, runs.intervention, steps)
+    validate(grid.sites, runs.model, runs.task.n_pos)
+    _check_positions(runs.task, grid, runs.intervention)
     qk, rotary = _qk_hooks(grid) if method == "atp*" else (set(), set())
     names = {s.hook for s in grid} | qk
     patterns = {h for h in qk if h.endswith("hook_pattern")}  # read in the base run only
     graddrop = graddrop and method == "atp*"
     if method == "ig":
-        runs = unpatched(model, task, intervention, sorted(names | {"hook_embed"}))
+        runs.record(source_hooks=sorted(names | {"hook_embed"}))
         run = ig_pass(runs, names, steps)
     else:
-        layers = range(model_shape(model)["n_layers"]) if graddrop else ()
+        layers = range(model_shape(runs.model)["n_layers"]) if graddrop else ()
         extra = {hook_name("resid_pre", layer) for layer in layers}
-        runs = unpatched(model, task, intervention, sorted(names - patterns), base_hooks=sorted(patterns | extra),
-                         gradients=True, optional=sorted(rotary), keep_graph=graddrop,
-                         rules=rules(model) if method == "relp" else ())
-        run = runs.base
-    terms = _terms(grid, run.acts, runs.source.acts, intervention, qk_fix=method == "atp*",
-                   named=runs.task.named_positions)
-    change = _estimate(terms, run.grads, len(grid), task.n_examples)  # (sites, n)
+        rotary = {h for h in rotary if h in runs.model.hook_dict}  # rotated queries and keys: rotary models only
+        runs.record(source_hooks=sorted(names - patterns | rotary))
+        run = runs.gradients(sorted(names | extra), optional=sorted(rotary), keep_graph=graddrop,
+                             rules=rules(runs.model) if method == "relp" else ())
+    terms = _terms(grid, run.acts, runs.source.acts, runs.intervention, qk_fix=method == "atp*", task=runs.task)
+    change = _estimate(terms, run.grads, len(grid), runs.task.n_examples)  # (sites, n)
     if graddrop:
-        change = change.sign() * _graddrop(model, run, terms, change)
+        change = change.sign() * _graddrop(runs.model, run, terms, change)
     meta = {"steps": steps} if method == "ig" else {"graddrop": graddrop} if method == "atp*" else {}
-    return Effects.of(runs, grid, runs.base_metric[None] + change, intervention, method, **meta)
+    return Effects.of(runs, grid, runs.base_metric[None] + change, method, **meta)

@@ -31,14 +31,15 @@ from mechattr.faithfulness import faithfulness
 from mechattr.graph import Edge, all_edges, nodes, unit_from_json
 from mechattr.interventions import Intervention, Noise
 from mechattr.models import model_shape
-from mechattr.runs import Runs
+from mechattr.runs import Runs, setup
 from mechattr.sites import Site
 from mechattr.storage import write_json
 from mechattr.tasks import Task
 
-__all__ = ["Circuit", "discover", "node_faithfulness", "edge_faithfulness", "LEVELS"]
+__all__ = ["Circuit", "discover", "node_faithfulness", "edge_faithfulness", "LEVELS", "DEFAULT_ABLATION"]
 
 LEVELS = ("node", "edge")
+DEFAULT_ABLATION = Noise()  # what a component outside a circuit gets when a call names no ablation
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,9 +143,9 @@ def _prune(evaluate, kept: list, current: float, threshold: float, floor: float)
     return kept, current
 
 
-def discover(model: Any, task: Task, level: str = "node", *, method: str = "atp", ablation: Intervention = Noise(),
-             target: float = 0.8, threshold: float = 0.01, points: int = 24, prune: bool = True,
-             mib: int = 0) -> Circuit:
+def discover(model: Any, task: Task | str | None = None, level: str = "node", *, method: str = "atp",
+             ablation: Intervention | None = None, target: float = 0.8, threshold: float = 0.01, points: int = 24,
+             prune: bool = True, mib: int = 0) -> Circuit:
     """Rank the nodes (or edges) by `method`'s estimate of ablating each, measure the faithfulness curve
     of the top-n prefixes, start from the smallest prefix with faithfulness >= `target` (all if none),
     and, with `prune`, drop components whose removal moves the metric by less than `threshold` x gap
@@ -152,19 +153,25 @@ def discover(model: Any, task: Task, level: str = "node", *, method: str = "atp"
     CMD with intervals, `mechattr.faithfulness`, against `mib` random rankings) goes into
     `meta["mib"]`.
     Exact evaluations: one batched run for the curve, one per pruning trial, and with `mib` one per
-    MIB circuit."""
+    MIB circuit.
+
+    `discover(model, task, level, ablation=Noise())`, or `discover(runs, level)` on unpatched runs whose
+    intervention is the ablation; the estimate and the exact evaluations share one pair of runs."""
+    runs: Runs
+    runs, named = setup(model, task, None, ablation, "discover", default=DEFAULT_ABLATION)
+    level = named if isinstance(named, str) else level  # discover(runs, "edge")
+    model, task, ablation = runs.model, runs.task, runs.intervention
     if level not in LEVELS:
         raise ValueError(f"unknown circuit level {level!r}; valid: {', '.join(LEVELS)}")
     if level == "node":
         candidates = nodes(model)
-        estimate = attribute(model, task, candidates, method, intervention=ablation)
-        ablate = NodeAblator(model, task, candidates, ablation)
+        estimate = attribute(runs, candidates, method)
+        ablate = NodeAblator.of(runs, candidates)
     else:
         candidates = all_edges(model)
-        estimate = attribute_edges(model, task, candidates, method, intervention=ablation)
-        ablate = EdgeAblator(model, task, ablation, candidates)
+        estimate = attribute_edges(runs, candidates, method)
+        ablate = EdgeAblator.of(runs, candidates)
     scores = estimate.effect.flatten()
-    runs = ablate.runs
     evaluate = lambda circuits: _faithfulness(task, ablate(circuits), runs)  # noqa: E731
     order = scores.abs().argsort(descending=True).tolist()
     ranking = [candidates[i] for i in order]

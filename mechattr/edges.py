@@ -2,9 +2,10 @@
 
 Patching an edge (see `mechattr.graph`) changes only that receiver's input, by the sender's (new - base)
 contribution; everything downstream of the receiver then follows. Exact single edges compute the
-receiver's output under the changed input and patch it in with `run_cells`; attribution pulls the
+receiver's output under the changed input and patch it in as cells (`mechattr.cells`); attribution pulls the
 gradient at the receiver's output back through the receiver function. Both return an `Effects` over
-the edges (`Grid.of(edges)`, kind "edge"). Circuits ablate many edges at once (`mechattr.ablation`).
+the edges (`Grid.of(edges)`, kind "edge"), called on a model and a task or on shared unpatched runs
+(`patch_edges(runs, edges)`). Circuits ablate many edges at once (`mechattr.ablation`).
 """
 
 from typing import Any, Sequence
@@ -16,10 +17,10 @@ from mechattr.attribution import ig_pass
 from mechattr.effects import Effects
 from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contributions, input_hook, n_inputs,
                             output_hook, receive, receiver_groups)
-from mechattr.interventions import Denoise, Intervention
-from mechattr.patching import run_cells
+from mechattr.cells import run_cells
+from mechattr.interventions import Intervention
 from mechattr.relevance import applied, rules
-from mechattr.runs import Pass, check_intervention, unpatched
+from mechattr.runs import Pass, Runs, check_intervention, setup
 from mechattr.sites import Grid, Site, hook_name, validate
 from mechattr.tasks import Task
 
@@ -62,11 +63,17 @@ def _scores(model, groups, send, delta, run, relevance=()) -> Tensor:
     return torch.bmm(delta.transpose(0, 1).flatten(2), g.flatten(2).transpose(1, 2))  # (rows, S, R)
 
 
-def attribute_edges(model: Any, task: Task, edges: Sequence[Edge] | None = None, method: str = "atp", *,
-                    steps: int = 8, intervention: Intervention = Denoise()) -> Effects:
+def attribute_edges(model: Any, task: Task | Sequence[Edge] | None = None, edges: Sequence[Edge] | str | None = None,
+                    method: str = "atp", *, steps: int = 8, intervention: Intervention | None = None) -> Effects:
     """Edge attribution patching: change = (sender's new - base contribution) . d metric / d receiver input
     for every edge from one backward ("ig": the gradient averaged along the embedding path, EAP-IG;
-    "relp": relevance coefficients for the gradient, `mechattr.relevance`)."""
+    "relp": relevance coefficients for the gradient, `mechattr.relevance`). `attribute_edges(model, task,
+    edges=None, method)` (None: every edge of the model), or `attribute_edges(runs, edges, method)`."""
+    if isinstance(model, Runs) and isinstance(edges, str):  # attribute_edges(runs, edges, "atp")
+        edges, method = None, edges
+    runs: Runs
+    runs, edges = setup(model, task, edges, intervention, "attribute_edges")
+    model, task, intervention = runs.model, runs.task, runs.intervention
     if method not in EDGE_METHODS:
         raise ValueError(f"edges cannot be estimated with method {method!r}; the methods that can: "
                          f"{', '.join(EDGE_METHODS)} (atp*'s QK fix and GradDrop are defined for nodes)")
@@ -79,11 +86,15 @@ def attribute_edges(model: Any, task: Task, edges: Sequence[Edge] | None = None,
     groups = receiver_groups(model, edges)
     inputs = {input_hook(kind, layer) for kind, layer in groups}
     outputs = {output_hook(kind, layer) for kind, layer in groups}
-    names = {s.hook for s in send} | inputs | ({"hook_embed"} if method == "ig" else set())
+    names = {s.hook for s in send} | inputs
     relevance = rules(model) if method == "relp" else ()
-    runs = unpatched(model, task, intervention, sorted(names), base_hooks=sorted(outputs), gradients=method != "ig",
-                     rules=relevance)
-    base, source = runs.base, runs.source
+    if method == "ig":
+        runs.record(sorted(names), base_hooks=sorted(outputs), source_hooks=["hook_embed"])
+        base = runs.base
+    else:
+        runs.record(source_hooks=sorted(names))
+        base = runs.gradients(sorted(names | outputs), rules=relevance)
+    source = runs.source
     check_receivers(model, groups, base.acts)
     delta = contributions(model, send, {h: intervention(base.acts[h], source.acts[h]) for h in names}) \
         - contributions(model, send, base.acts)  # (S, n, P, d_model)
@@ -96,22 +107,28 @@ def attribute_edges(model: Any, task: Task, edges: Sequence[Edge] | None = None,
     recv = {r: i for i, r in enumerate(r for sites in groups.values() for r in sites)}
     s_index = {s: i for i, s in enumerate(send)}
     change = torch.stack([scores[:, s_index[e.sender], recv[e.receiver]] for e in edges])  # (E, n)
-    return Effects.of(runs, Grid.of(edges), runs.base_metric[None] + change, intervention, method,
+    return Effects.of(runs, Grid.of(edges), runs.base_metric[None] + change, method,
                       **({"steps": steps} if method == "ig" else {}))
 
 
-def patch_edges(model: Any, task: Task, edges: Sequence[Edge], intervention: Intervention = Denoise()) -> Effects:
+def patch_edges(model: Any, task: Task | Sequence[Edge] | None = None, edges: Sequence[Edge] | None = None,
+                intervention: Intervention | None = None) -> Effects:
     """Exact edge patching: for each edge alone, the receiver's input becomes base input + the sender's
-    (new - base) contribution; the metric is read at the last position."""
+    (new - base) contribution; the metric is read at the last position. `patch_edges(model, task, edges,
+    intervention=Denoise())`, or `patch_edges(runs, edges)` on shared unpatched runs."""
+    runs: Runs
+    runs, edges = setup(model, task, edges, intervention, "patch_edges")
+    if edges is None:
+        raise TypeError("patch_edges(model, task, edges): the edges are missing")
+    model, task, intervention = runs.model, runs.task, runs.intervention
     edges = list(edges)
     validate(edges, model, task.n_pos)
     check_intervention(task, intervention, edges)
     send = list(dict.fromkeys(e.sender for e in edges))
     groups = receiver_groups(model, edges)
-    layers = {layer for _, layer in groups}
-    names = {s.hook for s in send} | {input_hook(k, l) for k, l in groups} | {output_hook(k, l) for k, l in groups} \
-        | {hook_name("resid_pre", l) for l in layers}
-    runs = unpatched(model, task, intervention, sorted(names), resumable=True)
+    layers = sorted({layer for _, layer in groups})
+    names = {s.hook for s in send} | {input_hook(k, l) for k, l in groups} | {output_hook(k, l) for k, l in groups}
+    runs.record(sorted(names), base_hooks=[hook_name("resid_pre", layer) for layer in layers], resumable=True)
     base, source = runs.base, runs.source
     check_receivers(model, groups, base.acts)
     delta = contributions(model, send, {h: intervention(base.acts[h], source.acts[h]) for h in names}) \
@@ -127,5 +144,5 @@ def patch_edges(model: Any, task: Task, edges: Sequence[Edge], intervention: Int
         else:
             value = receive(model, r.kind, r.layer, x)
         cells.append([(r, value)])
-    patched = run_cells(runs.forward, cells, runs.resid(layers), runs.readout(), desc="patching edges")  # (E, n)
-    return Effects.of(runs, Grid.of(edges), patched, intervention, "patch")
+    patched = run_cells(runs, cells, layers, desc="patching edges")  # (E, n)
+    return Effects.of(runs, Grid.of(edges), patched, "patch")

@@ -64,11 +64,11 @@ class Effects:
             raise ValueError(f"per_example has shape {tuple(self.per_example.shape)}, expected {expected}")
 
     @classmethod
-    def of(cls, runs: Any, grid: Grid, per_example: Float[Tensor, "cell example"], intervention: Any, method: str,
-           **meta: Any) -> "Effects":
+    def of(cls, runs: Any, grid: Grid, per_example: Float[Tensor, "cell example"], method: str, **meta: Any
+           ) -> "Effects":
         """The result of patching or estimating every cell of `grid` on `runs` (a `mechattr.runs.Runs`):
-        `per_example` holds the metric under the intervention, one row per cell in grid order."""
-        task = runs.task
+        `per_example` holds the metric under the runs' intervention, one row per cell in grid order."""
+        task, intervention = runs.task, runs.intervention
         # Results are small and their statistics run on the CPU, whatever device the model is on.
         per_example = per_example.reshape(*grid.shape, task.n_examples).float().cpu()
         return cls(values=per_example.mean(-1), per_example=per_example, clean=runs.clean.cpu(),

@@ -22,7 +22,7 @@ forwards.
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
 from jaxtyping import Float, Int
@@ -101,15 +101,13 @@ def fast_path_verdict(model: Any) -> str | None:
 
 class Forward:
     """Forward passes of one token batch [n, pos] with hooks, returning each row's last-position logits.
-    `last` [n] is each row's last token index (None: position -1); `positions` maps a task's named
-    positions to each row's index, for sites at them (`Task.named_positions`)."""
+    `last` [n] is each row's last token index (None: position -1)."""
 
     def __init__(self, model: Any, tokens: Int[Tensor, "n pos"], resumable: bool = True, *,
-                 last: Int[Tensor, " n"] | None = None, positions: Mapping[str, Tensor] | None = None):
+                 last: Int[Tensor, " n"] | None = None):
         self.model = model
         self.tokens = tokens
         self.last = last
-        self.positions = dict(positions or {})
         self.resumable = resumable and is_bridge(model) and _VERDICTS.get(model) is None
         self.block_kwargs: list[dict[str, Any]] = []
         self.keys_values: list[tuple[Tensor, Tensor]] = []  # per layer [n, kv_heads, pos, d_head]
@@ -195,10 +193,11 @@ class Forward:
         """`copies` stacked copies of the batch under `hooks`. From block `start_layer` on, given `resid`
         (the unpatched input of that block), when the model allows it; from position `start_pos` on when
         `reuses_prefix` (hooks then see activations of positions start_pos.. only)."""
-        if self.resumable and not self.block_kwargs:
-            self.cache()
+        resumed = self.resumable and start_layer is not None and resid is not None
+        if resumed and not self.block_kwargs:
+            raise ValueError("Forward.run from a block needs the block inputs of the unpatched run: call cache() first")
         with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-            if not self.resumable or start_layer is None or resid is None:
+            if not resumed:
                 return at_last(self.model(self.tokens.repeat(copies, 1)), self._last(copies)).float()
             return self._resumed(copies, start_layer, resid, start_pos if self.reuses_prefix else 0)
 

@@ -1,174 +1,51 @@
-"""The do-operator engine: exact activation patching over any set of sites.
+"""The do-operator: exact activation patching over any set of sites.
 
-One engine serves every site kind and intervention. A *cell* is a set of (site, value) assignments
-applied together; a sweep over a grid is one cell per site. Many cells share one forward pass as rows
-of a batch (cell-major: rows j*n .. (j+1)*n-1 hold cell j's n examples). On a `TransformerBridge`,
-cells whose earliest site is in block l resume from the unpatched residual at block l: the blocks
-before it are not run at all, and only the last position is unembedded. Where the model allows, a
-cell also starts at the first position it changes: its site's position, or, for a site over every
-position, the first position where its value differs from the unpatched run's (bit for bit). On a task of mixed lengths
-every example is read out at its own last token, and a site at a named position ("S2") is patched at
-each example's own index of it.
+`patch` sets each site, one at a time, to the intervention's value and measures the task metric:
+`patch(model, task, sites, intervention)`, or `patch(runs, sites)` on unpatched runs other calls share
+(`mechattr.unpatched`). The patched runs are cells of `mechattr.cells`, resumed mid-model where the
+model allows; on a task of mixed lengths every example is read out at its own last token, and a site at
+a named position ("S2") is patched at each example's own index of it.
 """
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
-from tqdm.auto import tqdm
-
+from mechattr.cells import DEFAULT_MAX_MEMORY, run_cells
 from mechattr.effects import Effects
-from mechattr.forward import Forward
-from mechattr.interventions import Denoise, Intervention
-from mechattr.models import model_shape
-from mechattr.runs import check_intervention, unpatched
-from mechattr.sites import KINDS, Grid, Site, hook_name, validate
+from mechattr.interventions import Intervention
+from mechattr.runs import Runs, check_intervention, setup
+from mechattr.sites import Grid, Site, hook_name, validate
 from mechattr.tasks import Task
 
-__all__ = ["patch", "Cell", "run_cells", "DEFAULT_MAX_MEMORY"]
-
-DEFAULT_MAX_MEMORY = 2 * 2**30  # bytes of transient activations one patched batch may use
-_MAX_ROWS = 1024  # beyond this, bigger batches stop paying on CPU
-DEFAULT_BATCH_ROWS = 64  # rows per patched batch, see run_cells
-
-Cell = Sequence[tuple[Site, Tensor]]  # assignments applied together; each value is [example, *site]
+__all__ = ["patch"]
 
 
-def _rows_per_batch(model: Any, n_pos: int, max_memory: int) -> int:
-    cfg = model.cfg
-    shape = model_shape(model)
-    # Transient floats per row inside one block, plus the widest (MLP) and attention-score tensors.
-    floats = n_pos * (10 * cfg.d_model + 4 * shape["d_mlp"] + 3 * shape["n_heads"] * n_pos) + cfg.d_vocab
-    return max(1, min(_MAX_ROWS, max_memory // (4 * floats)))
-
-
-def _assign(entries: list[tuple[tuple, Tensor]]) -> Callable:
-    """A hook that writes each value at its index (its cell's rows, then the site's axes) of the activation."""
-    def hook(act, hook):
-        for index, value in entries:
-            act[index] = value.to(act.dtype)
-        return act
-    return hook
-
-
-def _at(forward: Forward, site: Site) -> Tensor | None:
-    """Each example's index of the site's named position (None for a site without one)."""
-    if not isinstance(site.pos, str):
-        return None
-    if site.pos not in forward.positions:
-        raise ValueError(f"site {site}: the task has no position named {site.pos!r}; valid: "
-                         f"{', '.join(forward.positions) or 'none (the task names no positions)'}")
-    return forward.positions[site.pos]
-
-
-def _spans_positions(site: Site) -> bool:
-    """Whether the site covers every position on its value's first axis after the batch ([n, pos, ...]):
-    no position given, and every axis before the position axis indexed (a pattern's head)."""
-    dims = KINDS[site.kind].dims
-    return site.pos is None and all(getattr(site, d) is not None for d in dims[:dims.index("pos")])
-
-
-def _first_pos(forward: Forward, site: Site, value: Tensor, base: Mapping[str, Tensor] | None) -> int:
-    """The earliest position the assignment changes in any example of the batch. A site over every
-    position whose value equals the base run's activation, bit for bit, on positions < p in every example
-    (a clean prompt and its corrupted copy agree up to the first changed token) changes nothing before
-    p, so p is where its patched run can start (at most the earliest last token, which is read out)."""
-    at = _at(forward, site)
-    if at is not None:
-        return int(at.min())
-    if base is None or site.hook not in base or not _spans_positions(site):
-        return site.first_pos
-    unpatched = base[site.hook][(slice(None), *site.index)]
-    if unpatched.shape != value.shape:
-        return 0
-    differs = (value != unpatched.to(value.dtype)).reshape(*value.shape[:2], -1).any(-1).any(0)  # [pos]
-    earliest_last = value.shape[1] - 1 if forward.last is None else int(forward.last.min())
-    first = int(differs.int().argmax()) if differs.any() else value.shape[1]
-    return min(first, earliest_last)
-
-
-def _batches(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None, per_batch: int,
-             base: Mapping[str, Tensor] | None) -> list[tuple[int | None, int, list[int]]]:
-    """(resume layer, start position, cell ids) per batch. Cells are grouped by the block they resume at
-    and sorted by their first position; a batch starts at its earliest cell's position."""
-    keyed = []
-    for i, cell in enumerate(cells):
-        layers = [site.resume_layer for site, _ in cell]
-        layer = None if resid is None or None in layers else min(layers)
-        if layer is not None and hook_name("resid_pre", layer) not in resid:
-            layer = None
-        start = 0
-        if layer is not None and forward.reuses_prefix:
-            start = min(_first_pos(forward, site, value, base) for site, value in cell)
-        keyed.append((-1 if layer is None else layer, start, i))
-    keyed.sort()
-    batches = []
-    for layer, start, i in keyed:
-        if batches and batches[-1][0] == layer and len(batches[-1][2]) < per_batch:
-            batches[-1][2].append(i)
-        else:
-            batches.append((layer, start, [i]))
-    return [(None if layer == -1 else layer, start, ids) for layer, start, ids in batches]
-
-
-def run_cells(forward: Forward, cells: Sequence[Cell], resid: dict[str, Tensor] | None = None,
-              readout: Callable[[Tensor], Tensor] | None = None, *, base: Mapping[str, Tensor] | None = None,
-              max_memory: int = DEFAULT_MAX_MEMORY,
-              batch_rows: int = DEFAULT_BATCH_ROWS, progress: bool | None = None, desc: str = "patching"
-              ) -> Float[Tensor, "cell example *out"]:
-    """Last-position logits of the base run under each cell's assignments, [cell, example, vocab], or
-    `readout(logits)` of them (e.g. `Runs.readout()`: [cell, example]), applied batch by batch so the
-    logits of a large sweep are never all held at once.
-
-    `resid` maps `blocks.{l}.hook_resid_pre` to the unpatched run's activations [n, pos, d_model]; with
-    it, cells resume at their earliest site's block and, where the model allows, their earliest
-    position. `base` (the unpatched run's activations at the cells' hooks) lets a cell over every
-    position start where its value first differs from them. Batches hold about `batch_rows` rows (fewer rows start later on average; more rows run
-    faster per row) and stay within `max_memory` bytes of activations.
-    """
-    n = forward.tokens.shape[0]
-    memory_cells = _rows_per_batch(forward.model, forward.tokens.shape[1], max_memory) // n
-    per_batch = max(1, min(memory_cells, -(-batch_rows // n)))
-    out: list[Tensor | None] = [None] * len(cells)
-    for layer, start, chunk in tqdm(_batches(forward, cells, resid, per_batch, base), desc=desc, leave=False,
-                                    disable=True if progress is False else None, unit="batch"):
-        entries: dict[str, list] = {}
-        for slot, i in enumerate(chunk):
-            for site, value in cells[i]:
-                # A site's position is never before its batch's start (batches start at their earliest cell);
-                # a site over every position is written from the start on (it equals the base run before).
-                rows = slice(slot * n, (slot + 1) * n)
-                value = value[:, start:] if start and _spans_positions(site) else value
-                entries.setdefault(site.hook, []).append((site.where(rows, _at(forward, site), start), value))
-        hooks = [(name, _assign(e)) for name, e in entries.items()]
-        logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[hook_name("resid_pre", layer)],
-                             start)
-        values = logits if readout is None else readout(logits)
-        for slot, i in enumerate(chunk):
-            out[i] = values[slot * n:(slot + 1) * n]
-    return torch.stack(out)
-
-
-def patch(model: Any, task: Task, sites: Grid | Sequence[Site], intervention: Intervention = Denoise(), *,
-          max_memory: int = DEFAULT_MAX_MEMORY, resume: bool = True, progress: bool | None = None) -> Effects:
+def patch(model: Any, task: Task | Grid | Sequence[Site] | None = None, sites: Grid | Sequence[Site] | None = None,
+          intervention: Intervention | None = None, *, max_memory: int = DEFAULT_MAX_MEMORY, resume: bool = True,
+          progress: bool | None = None) -> Effects:
     """do(site := intervention(base, source)) for every site, one site at a time, measured by the task's
     metric at each example's last token. Returns an `Effects` over the grid (a one-axis grid for a list).
     A site at a named position (`Site("resid_pre", 3, pos="S2")`, see `Task.positions`) is patched at each
     example's own index of it.
 
+    `patch(model, task, sites, intervention=Denoise())`, or `patch(runs, sites)` with
+    `runs = mechattr.unpatched(model, task, intervention)`, which records what it lacks (a hook it has not
+    recorded costs one forward of each run) and can be shared with `attribute`, `discover` and `verify`.
     `resume=False` recomputes every layer (a reference path; the results are the same).
     """
+    runs: Runs
+    runs, sites = setup(model, task, sites, intervention, "patch")
+    if sites is None:
+        raise TypeError("patch(model, task, sites): the sites are missing")
     grid = sites if isinstance(sites, Grid) else Grid.of(list(sites))
     if not grid.sites:
         raise ValueError("patch needs at least one site; the grid is empty")
-    validate(grid.sites, model, task.n_pos)
-    task.check_positions(grid.sites)
-    check_intervention(task, intervention, grid.sites)
-    layers = sorted({s.resume_layer for s in grid if s.resume_layer is not None}) if resume else []
-    runs = unpatched(model, task, intervention, sorted({s.hook for s in grid}),
-                     base_hooks=[hook_name("resid_pre", layer) for layer in layers], resumable=True)
-    cells = [[(site, runs.value(intervention, site))] for site in grid]
-    per_example = run_cells(runs.forward, cells, runs.resid(layers) if resume else None, runs.readout(),
-                            base=runs.base.acts, max_memory=max_memory, progress=progress, desc=f"patching {grid.kind}")  # (cells, n)
-    return Effects.of(runs, grid, per_example, intervention, method="patch")
+    validate(grid.sites, runs.model, runs.task.n_pos)
+    runs.task.check_positions(grid.sites)
+    check_intervention(runs.task, runs.intervention, grid.sites)
+    layers = sorted({s.resume_layer for s in grid if s.resume_layer is not None}) if resume else None
+    runs.record(sorted({s.hook for s in grid}), base_hooks=[hook_name("resid_pre", layer) for layer in layers or ()],
+                resumable=resume)
+    cells = [[(site, runs.value(site))] for site in grid]
+    per_example = run_cells(runs, cells, layers, max_memory=max_memory, progress=progress,
+                            desc=f"patching {grid.kind}")  # (cells, n)
+    return Effects.of(runs, grid, per_example, method="patch")

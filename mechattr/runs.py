@@ -1,23 +1,22 @@
 """The unpatched runs of a task: what every do-operator and every estimate starts from.
 
-`unpatched(model, task, intervention, hooks)` runs the task's two sets of prompts once each: the *base*
-run, the one the intervention acts on (`intervention.base_run`), and the *source* run, the other one,
-whose activations the intervention may read. A `Runs` holds both runs' activations at the hooks asked
-for and last-position logits, the clean run's next-token log-probabilities (the reference KL compares
-with), both runs' per-example metrics, and the base run's metric gradients where asked. Patching,
-attribution, edges, circuits and verification all take one.
+`unpatched(model, task, intervention)` gives the task's two runs: the *base* run, the one the
+intervention acts on (`intervention.base_run`), and the *source* run, the other one, whose activations
+the intervention may read. A `Runs` records, when a consumer first asks, both runs' activations at the
+hooks it needs and their last-position logits, the clean run's next-token log-probabilities (the
+reference KL compares with) and both runs' per-example metrics. `patch`, `attribute`, `patch_edges`,
+`discover` and `verify` take one (`patch(runs, sites)`), so several of them share the same runs.
 
 Every last-position read is at each example's own last token (`Task.last`), so tasks whose prompts
 differ in length run as right-padded batches.
 
 Two engines run a batch: `Forward.cache` (a full forward that also records what each block receives, so
-patched runs can resume mid-model) for exact patching, and `gradient_pass` (zero probes at the hooks,
-logits only at the last position, an optional backward) for the gradient estimates.
+patched runs can resume mid-model, `mechattr.cells`) for exact patching, and `gradient_pass` (zero probes
+at the hooks, logits only at the last position, an optional backward) for the gradient estimates.
 """
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -26,14 +25,16 @@ from torch import Tensor
 
 from mechattr.forward import Forward, last_logits
 from mechattr.graph import Edge
-from mechattr.interventions import INTERVENTIONS, Intervention
+from mechattr.interventions import INTERVENTIONS, Denoise, Intervention
 from mechattr.models import device_of, final_hook
 from mechattr.relevance import scale_edits_allowed
 from mechattr.sites import Site, hook_name
 from mechattr.tasks import Task
 
-__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "readout", "other_run",
-           "task_forward", "check_intervention"]
+__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "readout", "other_run", "task_forward",
+           "check_intervention", "setup", "DEFAULT_INTERVENTION"]
+
+DEFAULT_INTERVENTION = Denoise()  # what a site is set to when a call names no intervention
 
 
 def other_run(run: str) -> str:
@@ -45,7 +46,7 @@ def other_run(run: str) -> str:
 
 def task_forward(model: Any, task: Task, run: str, resumable: bool = True) -> Forward:
     """Forwards of `task`'s `run` tokens, read out at each example's last token."""
-    return Forward(model, task.tokens(run), resumable, last=task.last, positions=task.named_positions)
+    return Forward(model, task.tokens(run), resumable, last=task.last)
 
 
 def check_intervention(task: Task, intervention: Intervention, units: Sequence[Site | Edge]) -> None:
@@ -152,31 +153,91 @@ def gradient_pass(model: Any, tokens: Int[Tensor, "rows pos"], names: Sequence[s
     return Pass(values.detach(), logits.detach(), acts, grads, live if keep_graph else {})
 
 
-@dataclass(frozen=True, eq=False)
 class Runs:
-    """Both unpatched runs of a task (see the module docstring). `metrics` maps "clean" and "corrupt" to
-    per-example metrics [n]; `reference` is the clean run's last-position log-probabilities [n, vocab]."""
+    """Both unpatched runs of a task under `intervention` (see the module docstring), recorded lazily:
+    nothing runs when a `Runs` is made; each consumer records the hooks it needs (`record`), and a hook
+    not yet recorded costs one more forward of the run that lacks it. The base run's `Forward`, which
+    patched runs resume from, belongs to the `Runs`; gradients are a separate pass (`gradients`).
 
-    model: Any
-    task: Task
-    base_run: str
-    base: Pass
-    source: Pass
-    reference: Float[Tensor, "n vocab"]
-    metrics: dict[str, Tensor]
-    recorded: Forward | None = None  # the base run's forward, when it recorded the block inputs
+    `metrics` maps "clean" and "corrupt" to per-example metrics [n]; `reference` is the clean run's
+    last-position log-probabilities [n, vocab]."""
 
-    @classmethod
-    def of(cls, model: Any, task: Task, base_run: str, base: Pass, source: Pass, reference: Tensor,
-           recorded: Forward | None = None) -> "Runs":
-        """Runs from two passes; both runs' metrics are read from their logits against `reference`."""
-        logits = {base_run: base.logits, other_run(base_run): source.logits}
-        metrics = {run: task.metric(lg, task.answer, task.wrong, reference) for run, lg in logits.items()}
-        return cls(model, task, base_run, base, source, reference, metrics, recorded)
+    def __init__(self, model: Any, task: Task, intervention: Intervention):
+        self.model = model
+        self.task = task.to(device_of(model))
+        self.intervention = intervention
+        self.forward = task_forward(model, self.task, self.base_run)  # records on the first resumable record
+        self._base: Pass | None = None
+        self._source: Pass | None = None
+        self._metrics: dict[str, Tensor] | None = None
+
+    @property
+    def base_run(self) -> str:
+        return self.intervention.base_run
 
     @property
     def source_run(self) -> str:
         return other_run(self.base_run)
+
+    def record(self, hooks: Iterable[str] = (), *, base_hooks: Iterable[str] = (), source_hooks: Iterable[str] = (),
+               resumable: bool = False) -> "Runs":
+        """Make the activations at `hooks` (both runs), `base_hooks` and `source_hooks` available, running a
+        run again only where it lacks one. `resumable`: the base run's recorded `Forward` too (what patched
+        runs resume from; on a model that cannot resume, nothing more)."""
+        base_names, source_names = set(hooks) | set(base_hooks), set(hooks) | set(source_hooks)
+        if source_names - _names(self._source):
+            self._run_source(source_names)
+        if base_names - _names(self._base) or (resumable and self.forward.resumable and not self.forward.block_kwargs):
+            self._run_base(base_names, resumable)
+        return self
+
+    def _run_source(self, names: set[str] = frozenset()) -> Pass:
+        logits, acts = task_forward(self.model, self.task, self.source_run, resumable=False).cache(
+            sorted(names - _names(self._source)))
+        self._source = _merged(self._source, logits, acts)
+        return self._source
+
+    def _run_base(self, names: set[str] = frozenset(), resumable: bool = False) -> Pass:
+        forward = self.forward if resumable else task_forward(self.model, self.task, self.base_run, resumable=False)
+        logits, acts = forward.cache(sorted(names - _names(self._base)))
+        self._base = _merged(self._base, logits, acts)
+        return self._base
+
+    def gradients(self, hooks: Sequence[str], *, optional: Sequence[str] = (), keep_graph: bool = False,
+                  rules: Sequence[tuple[str, Callable]] = ()) -> Pass:
+        """A forward and backward of the base run (`gradient_pass`): activations at `hooks` (and `optional`
+        ones where the model fires them) and d metric / d activation at each. A `Runs` that has not run its
+        base run yet keeps this pass's activations and logits as its base run's."""
+        reference = None if self.source_run == "corrupt" else self.reference
+        run = gradient_pass(self.model, self.task.tokens(self.base_run), hooks, readout(self.task, reference),
+                            optional=optional, keep_graph=keep_graph, last=self.task.last, rules=rules)
+        if self._base is None:
+            self._base = Pass(None, run.logits, dict(run.acts), {}, {})
+        return run
+
+    @property
+    def base(self) -> Pass:
+        """The base run's last-position logits and recorded activations."""
+        return self._run_base() if self._base is None else self._base
+
+    @property
+    def source(self) -> Pass:
+        return self._run_source() if self._source is None else self._source
+
+    @property
+    def reference(self) -> Float[Tensor, "n vocab"]:
+        """The clean run's last-position log-probabilities (running only the clean run, if neither has run)."""
+        clean = self.base if self.base_run == "clean" else self.source
+        return clean.logits.log_softmax(-1)
+
+    @property
+    def metrics(self) -> dict[str, Tensor]:
+        if self._metrics is None:
+            logits = {self.base_run: self.base.logits, self.source_run: self.source.logits}
+            reference = self.reference
+            self._metrics = {run: self.task.metric(lg, self.task.answer, self.task.wrong, reference)
+                             for run, lg in logits.items()}
+        return self._metrics
 
     @property
     def clean(self) -> Float[Tensor, " n"]:
@@ -190,54 +251,58 @@ class Runs:
     def base_metric(self) -> Float[Tensor, " n"]:
         return self.metrics[self.base_run]
 
-    @cached_property
-    def forward(self) -> Forward:
-        """Resumable forwards of the base run's tokens, for patched runs (`patching.run_cells`)."""
-        return self.recorded or task_forward(self.model, self.task, self.base_run)
-
     def readout(self) -> Callable[[Tensor], Tensor]:
         """Per-row metric of stacked copies of the base run (see `readout`)."""
         return readout(self.task, self.reference)
 
-    def value(self, intervention: Intervention, site: Site) -> Tensor:
+    def value(self, site: Site) -> Tensor:
         """intervention(base, source) at `site`: the value the do-operator sets it to, [n, *site]; at a
         named position, each example's activation at its own index of it."""
-        check_intervention(self.task, intervention, [site])
-        at = self.task.index_of(site.pos) if isinstance(site.pos, str) else None
-        where = site.where(slice(0, self.task.n_examples), at)
-        return intervention(self.base.acts[site.hook][where], self.source.acts[site.hook][where])
+        check_intervention(self.task, self.intervention, [site])
+        self.record([site.hook])
+        where = site.where(slice(0, self.task.n_examples), self.task.index_at(site))
+        return self.intervention(self.base.acts[site.hook][where], self.source.acts[site.hook][where])
 
     def resid(self, layers: Iterable[int]) -> dict[str, Tensor]:
         """The base run's residual stream entering each block in `layers` (where patched runs resume)."""
         names = [hook_name("resid_pre", layer) for layer in layers]
+        self.record(base_hooks=names)
         return {name: self.base.acts[name] for name in names}
 
 
-def unpatched(model: Any, task: Task, intervention: Intervention, hooks: Sequence[str] = (), *,
-              base_hooks: Sequence[str] = (), gradients: bool = False, optional: Sequence[str] = (),
-              keep_graph: bool = False, resumable: bool = False, rules: Sequence[tuple[str, Callable]] = ()) -> Runs:
-    """The base run (`intervention.base_run`) and the source run of `task`, with activations at `hooks`
-    (both runs) and `base_hooks` (the base run only); `optional` hooks are recorded where the model fires
-    them. `gradients`: d metric / d activation at every base-run hook (`keep_graph` keeps the graph for
-    more backwards). `resumable`: exact patching's engine, which records the block inputs too. `rules`:
-    hooks that change the base run's backward (`gradient_pass`)."""
-    task = task.to(device_of(model))
-    base_run = intervention.base_run
-    source_run = other_run(base_run)
-    base_names = sorted(set(hooks) | set(base_hooks))
-    if resumable:
-        if gradients:
-            raise ValueError("unpatched: resumable runs take no gradients")
-        recorded = task_forward(model, task, base_run)
-        base_logits, base_acts = recorded.cache(base_names)
-        source_logits, source_acts = task_forward(model, task, source_run, resumable=False).cache(hooks)
-        base, source = Pass(None, base_logits, base_acts, {}, {}), Pass(None, source_logits, source_acts, {}, {})
-        reference = (base if base_run == "clean" else source).logits.log_softmax(-1)
-        return Runs.of(model, task, base_run, base, source, reference, recorded)
-    source = gradient_pass(model, task.tokens(source_run), sorted(hooks), None, optional=optional, last=task.last)
-    reference = source.logits.log_softmax(-1) if source_run == "clean" else None
-    base = gradient_pass(model, task.tokens(base_run), base_names, readout(task, reference) if gradients else None,
-                         optional=optional, keep_graph=keep_graph, last=task.last, rules=rules)
-    if reference is None:
-        reference = base.logits.log_softmax(-1)
-    return Runs.of(model, task, base_run, base, source, reference)
+def _names(recorded: Pass | None) -> set[str]:
+    return set() if recorded is None else set(recorded.acts)
+
+
+def _merged(recorded: Pass | None, logits: Tensor, acts: dict[str, Tensor]) -> Pass:
+    """A run's record with more activations; its logits are those of its first forward."""
+    if recorded is None:
+        return Pass(None, logits, acts, {}, {})
+    return Pass(None, recorded.logits, {**recorded.acts, **acts}, {}, {})
+
+
+def unpatched(model: Any, task: Task, intervention: Intervention = DEFAULT_INTERVENTION, hooks: Sequence[str] = (), *,
+              base_hooks: Sequence[str] = (), resumable: bool = False) -> Runs:
+    """The unpatched runs of `task` under `intervention`, to share between `patch`, `attribute`,
+    `patch_edges`, `discover` and `verify`. Nothing runs until a hook is asked for: `hooks` (both runs)
+    and `base_hooks` are recorded now if given, and any other hook a consumer needs later costs one more
+    forward of each run that lacks it. `resumable`: record the base run's block inputs too (patching)."""
+    runs = Runs(model, task, intervention)
+    return runs.record(hooks, base_hooks=base_hooks, resumable=resumable) if hooks or base_hooks else runs
+
+
+def setup(model: Any, task: Any, units: Any, intervention: Intervention | None, consumer: str,
+          default: Intervention = DEFAULT_INTERVENTION) -> tuple[Runs, Any]:
+    """(runs, units) from either form of a consumer's call: `consumer(runs, units)`, on runs made by
+    `unpatched` (and maybe shared), or `consumer(model, task, units, intervention=default)`."""
+    if isinstance(model, Runs):
+        if intervention is not None:
+            raise TypeError(f"{consumer}(runs, ...): the runs carry the intervention ({model.intervention.name}), so "
+                            "pass none again")
+        if task is not None and units is not None:
+            raise TypeError(f"{consumer}(runs, units): the runs carry the task, so pass the units alone")
+        return model, units if task is None else task
+    if not isinstance(task, Task):
+        raise TypeError(f"{consumer}(model, task, ...) needs a Task second, got {type(task).__name__}; or call "
+                        f"{consumer}(runs, ...) with runs = mechattr.unpatched(model, task, intervention)")
+    return Runs(model, task, intervention or default), units

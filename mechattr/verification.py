@@ -21,6 +21,7 @@ from torch import Tensor
 from mechattr.effects import Effects
 from mechattr.graph import Edge
 from mechattr.interventions import Intervention
+from mechattr.runs import Runs, setup
 from mechattr.sites import Site
 from mechattr.tasks import Task
 
@@ -164,29 +165,41 @@ def stratified_count(strata: list[Stratum], level: float) -> tuple[float, tuple[
     return estimate, (float(sum(b[0] for b in bounds)), float(sum(b[1] for b in bounds)))
 
 
-def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int = 40, seed: int = 0, *,
-           strata: int = 4, threshold: float = 0.1, level: float = 0.95,
+def _intervention_of(estimate: Any) -> Intervention:
+    applied = estimate.applied if isinstance(estimate, Effects) else None
+    if applied is None:
+        raise ValueError(f"verify: the estimate's intervention {getattr(estimate, 'intervention', None)!r} is not known "
+                         "with its arguments (a Steer vector is not saved with effects); pass it as intervention=")
+    return applied
+
+
+def verify(model: Any, task: Task | Effects | None = None, estimate: Effects | None = None, top: int = 20, sample: int = 40,
+           seed: int = 0, *, strata: int = 4, threshold: float = 0.1, level: float = 0.95,
            intervention: Intervention | None = None) -> Verification:
     """Exact patching of the `top` sites (or edges) with the largest estimated |effect| and of `sample` drawn
     (seeded, without replacement) from `strata` strata of the rest by estimated rank; how many important
     sites (|exact effect| > `threshold` x |clean - corrupt|) the estimate ranked below its top, with an
     interval at `level`, and where estimate and exact disagree.
 
-    `intervention` defaults to the estimate's own (`Effects.applied`, arguments included); pass it where
-    that is not known (a `Steer` estimate loaded from disk).
+    `verify(model, task, estimate)`: `intervention` defaults to the estimate's own (`Effects.applied`,
+    arguments included); pass it where that is not known (a `Steer` estimate loaded from disk).
+    `verify(runs, estimate)`: on the unpatched runs the estimate came from, whose intervention must be its.
     """
     from scipy import stats
 
     from mechattr.edges import patch_edges
     from mechattr.patching import patch
 
+    runs: Runs
+    shared = isinstance(model, Runs)
+    runs, estimate = setup(model, task, estimate, intervention or (None if shared else _intervention_of(estimate)),
+                           "verify")
+    if shared and (estimate.intervention != runs.intervention.name or estimate.applied not in (None, runs.intervention)):
+        raise ValueError(f"verify: the estimate is under {estimate.applied or estimate.intervention!r} but the runs "
+                         f"under {runs.intervention!r}; check it on runs of its own intervention")
     if top < 0 or sample < 0 or strata < 1:
         raise ValueError(f"verify needs top >= 0, sample >= 0 and strata >= 1; got top={top}, sample={sample}, "
                          f"strata={strata}")
-    intervention = intervention or estimate.applied
-    if intervention is None:
-        raise ValueError(f"verify: the estimate's intervention {estimate.intervention!r} is not known with its "
-                         "arguments (a Steer vector is not saved with effects); pass it as intervention=")
     order = _order(estimate)
     n_top = min(top, len(order))
     n_rest = len(order) - n_top
@@ -201,9 +214,9 @@ def verify(model: Any, task: Task, estimate: Effects, top: int = 20, sample: int
         raise ValueError(f"verify has nothing to check: top={top}, sample={sample}")
     checked = [estimate.sites[int(order[r])] for r in ranks]
     if isinstance(checked[0], Edge):
-        exact = patch_edges(model, task, checked, intervention)
+        exact = patch_edges(runs, checked)
     else:  # an embed site's cell runs a full forward; the others resume (`Site.resume_layer`)
-        exact = patch(model, task, checked, intervention)
+        exact = patch(runs, checked)
     important = exact.effect.abs() > threshold * _gap(exact)
     rest_ranks = torch.tensor(ranks[n_top:], dtype=torch.long) - n_top
     found = important[n_top:]

@@ -285,7 +285,7 @@ def test_every_option_has_help_and_shows_its_default(capsys):
 
 
 def test_defaults_are_the_librarys(capsys):
-    from mechattr.circuits import discover
+    from mechattr.circuits import DEFAULT_ABLATION, discover
     from mechattr.cli import _parser
     from mechattr.finetune import TrainConfig
     from mechattr.verification import verify
@@ -297,8 +297,8 @@ def test_defaults_are_the_librarys(capsys):
         signature[name].default for name in ("top", "sample", "strata", "threshold", "level"))
     d = parse(["discover", "--out", "o"])
     signature = inspect.signature(discover).parameters
-    assert (d.method, d.ablation, d.target, d.points) == (signature["method"].default,
-                                                          signature["ablation"].default.name,
+    assert signature["ablation"].default is None  # None: DEFAULT_ABLATION
+    assert (d.method, d.ablation, d.target, d.points) == (signature["method"].default, DEFAULT_ABLATION.name,
                                                           signature["target"].default, signature["points"].default)
     f = parse(["finetune", "--sites-from", "e", "--top-k", "1", "--out", "o"])
     assert (f.steps, f.lr, f.batch_size, f.loss) == (TrainConfig.steps, TrainConfig.lr, TrainConfig.batch_size,

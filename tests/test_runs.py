@@ -1,15 +1,19 @@
 """The run layer: both unpatched runs of a task, against hand-written forwards; node and edge results
-sharing one `normalized`."""
+sharing one `normalized`; runs shared between consumers give each its own call's numbers, and record
+only what is missing."""
 
 import pytest
 import torch
 
-from mechattr.edges import patch_edges
+from mechattr.attribution import attribute
+from mechattr.circuits import discover
+from mechattr.edges import attribute_edges, patch_edges
 from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Noise, Zero
 from mechattr.patching import patch
-from mechattr.runs import other_run, readout, unpatched
-from mechattr.sites import Site
+from mechattr.runs import other_run, readout, task_forward, unpatched
+from mechattr.sites import Site, grid
+from mechattr.verification import verify
 from tests.reference import logit_diff
 
 
@@ -74,3 +78,92 @@ def test_zero_gap_normalized_names_the_task(gqa, tiny_task):
     effects = patch(gqa, same, [Site("mlp_out", 0)])
     with pytest.raises(ValueError, match="task 'same': clean and corrupted metrics are equal"):
         effects.normalized
+
+
+class _Forwards:
+    """Counts the model's own forward passes (a resumed run calls its blocks, not the model)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self.count)
+
+    def count(self, module, args):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_shared_runs_give_every_consumer_its_own_call_s_numbers(gqa, tiny_task):
+    z, mlp = grid(gqa, "z"), grid(gqa, "mlp_out", tiny_task.n_pos)
+    edges = [Edge(Site("z", 0, head=1), Site("mlp_out", 1)), Edge(Site("mlp_out", 0), Site("resid_post", 2))]
+    for intervention in (Denoise(), Noise()):
+        runs = unpatched(gqa, tiny_task, intervention)
+        shared = [patch(runs, z), attribute(runs, z, "atp"), patch(runs, mlp), attribute(runs, sites=mlp, method="ig"),
+                  patch_edges(runs, edges), attribute_edges(runs, edges, "atp")]
+        alone = [patch(gqa, tiny_task, z, intervention), attribute(gqa, tiny_task, z, "atp", intervention=intervention),
+                 patch(gqa, tiny_task, mlp, intervention),
+                 attribute(gqa, tiny_task, mlp, "ig", intervention=intervention),
+                 patch_edges(gqa, tiny_task, edges, intervention),
+                 attribute_edges(gqa, tiny_task, edges, "atp", intervention=intervention)]
+        for a, b in zip(shared, alone):
+            assert a.intervention == b.intervention == intervention.name and a.method == b.method
+            torch.testing.assert_close(a.per_example, b.per_example, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close((a.clean, a.corrupt), (b.clean, b.corrupt), atol=1e-6, rtol=0)
+        check = verify(runs, shared[1], top=3, sample=2)
+        torch.testing.assert_close(check.exact.per_example, verify(gqa, tiny_task, shared[1], 3, 2).exact.per_example,
+                                   atol=1e-5, rtol=1e-5)
+    circuit = discover(unpatched(gqa, tiny_task, Noise()), prune=False)
+    alone = discover(gqa, tiny_task, prune=False)
+    assert circuit.ranking == alone.ranking
+    assert circuit.curve == pytest.approx(alone.curve, abs=1e-5)
+
+
+def test_runs_run_nothing_until_asked_and_each_missing_hook_once(gqa, tiny_task):
+    patch(gqa, tiny_task, [Site("z", 1, head=0)])  # the resumed path's proof of this model, done once
+    z1, z2 = grid(gqa, "z", layers=[1]), grid(gqa, "z", layers=[2])
+    with _Forwards(gqa) as forwards:
+        runs = unpatched(gqa, tiny_task, Denoise())
+        assert forwards.calls == 0
+        patch(runs, z1)
+        assert forwards.calls == 2  # the base run (recording the block inputs too) and the source run
+        patch(runs, z1)
+        assert forwards.calls == 2  # everything recorded: only resumed runs, no forward of the model
+        patch(runs, z2)
+        assert forwards.calls == 4  # one hook more: one forward of each run
+        attribute(runs, z1, "atp")
+        assert forwards.calls == 5  # the gradients: a pass of their own
+    with _Forwards(gqa) as forwards:
+        runs = unpatched(gqa, tiny_task, Denoise())
+        attribute(runs, z1, "atp")
+        assert forwards.calls == 2  # the source run, and the gradient pass that is the base run too
+        patch(runs, z1)
+        assert forwards.calls == 3  # the base run again, for the block inputs patched runs resume from
+
+
+def test_each_call_form_refuses_what_the_other_provides(gqa, tiny_task):
+    runs = unpatched(gqa, tiny_task, Noise())
+    sites = [Site("z", 1, head=0)]
+    with pytest.raises(TypeError, match=r"patch\(runs, \.\.\.\): the runs carry the intervention \(noise\)"):
+        patch(runs, sites, intervention=Denoise())
+    with pytest.raises(TypeError, match=r"patch\(runs, units\): the runs carry the task"):
+        patch(runs, tiny_task, sites)
+    with pytest.raises(TypeError, match=r"patch\(model, task, \.\.\.\) needs a Task second, got list"):
+        patch(gqa, sites)
+    with pytest.raises(TypeError, match=r"patch\(model, task, sites\): the sites are missing"):
+        patch(gqa, tiny_task)
+    estimate = attribute(gqa, tiny_task, grid(gqa, "z"), "atp")  # under Denoise
+    with pytest.raises(ValueError, match=r"the estimate is under Denoise\(\) but the runs under Noise\(\)"):
+        verify(runs, estimate)
+
+
+def test_a_resumed_run_needs_its_recorded_inputs(gqa, tiny_task):
+    forward = task_forward(gqa, tiny_task, "corrupt")
+    resid = torch.zeros(tiny_task.n_examples, tiny_task.n_pos, gqa.cfg.d_model)
+    with pytest.raises(ValueError, match="needs the block inputs of the unpatched run: call cache\\(\\) first"):
+        forward.run(1, [], 1, resid)
+    full = forward.run(1, [])  # a full forward needs nothing recorded
+    torch.testing.assert_close(full, gqa(tiny_task.corrupt)[:, -1], atol=1e-5, rtol=0)

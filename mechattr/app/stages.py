@@ -51,6 +51,7 @@ from mechattr.finetune.evaluation import task_scores
 from mechattr.finetune.export import DELTA_FILE as DELTA_EXPORT, INFO_FILE, export
 from mechattr.models import checkpoint_of, load_model
 from mechattr.patching import patch
+from mechattr.runs import unpatched
 from mechattr.selection import select
 from mechattr.sites import grid
 from mechattr.stats import summarize
@@ -128,9 +129,10 @@ def _knowledge(run: RunDirectory, model: Any, when: str) -> tuple[dict[str, Any]
 
 def _sites(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     config, model, task = run.config, run.base, run.task("train")
-    estimate = attribute(model, task, grid(model, "z"), "atp")
+    runs = unpatched(model, task)  # shared by the estimate and the exact check of its shortlist
+    estimate = attribute(runs, grid(model, "z"), "atp")
     shortlist = [site for site, _ in estimate.top(config.candidates)]
-    exact = patch(model, task, shortlist, progress=run.progress)
+    exact = patch(runs, shortlist, progress=run.progress)
     files = run.save_effects("sites_atp", [estimate], task=task.name) + run.save_effects("sites_exact", [exact],
                                                                                          task=task.name)
     chosen = select(exact, top_k=config.top_k, significant_only=False)

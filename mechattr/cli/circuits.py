@@ -20,7 +20,7 @@ def _ablations() -> list[str]:
 
 def add(sub: argparse._SubParsersAction) -> None:
     from mechattr.attribution import METHODS
-    from mechattr.circuits import LEVELS, discover
+    from mechattr.circuits import DEFAULT_ABLATION, LEVELS, discover
     from mechattr.verification import verify
 
     v = sub.add_parser("verify", help="exact patching of an estimate's top sites and a stratified sample of the rest: "
@@ -46,7 +46,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help=choices_help(LEVELS, "what a circuit is made of"))
     d.add_argument("--method", default=default(discover, "method"),
                    help=choices_help(METHODS, "attribution used to rank"))
-    d.add_argument("--ablation", default=default(discover, "ablation").name,
+    d.add_argument("--ablation", default=DEFAULT_ABLATION.name,
                    help=choices_help(_ablations(), "what ablated components get"))
     d.add_argument("--target", type=float, default=default(discover, "target"),
                    help="faithfulness the circuit must keep")

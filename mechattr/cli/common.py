@@ -68,13 +68,13 @@ def add_task_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 
 def add_grid_args(p: argparse.ArgumentParser) -> None:
     from mechattr.interventions import INTERVENTIONS
-    from mechattr.patching import patch
+    from mechattr.runs import DEFAULT_INTERVENTION
     from mechattr.sites import KINDS
 
     usable = {name: cls for name, cls in INTERVENTIONS.items() if cls.by_name_ok}
     p.add_argument("--sites", default="resid_pre,attn_out,mlp_out,z",
                    help=f"comma-separated site kinds, of: {', '.join(KINDS)}")
-    p.add_argument("--intervention", default=default(patch, "intervention").name,
+    p.add_argument("--intervention", default=DEFAULT_INTERVENTION.name,
                    help=choices_help(usable, "what a patched site is set to (see mechattr.interventions)"))
     p.add_argument("--per-position", action="store_true", help="head kinds get a position axis too")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")

@@ -47,6 +47,7 @@ from mechattr.finetune.masks import n_trained
 from mechattr.finetune.methods import BASELINES, METHODS, Full, LoRA, Method, Setup, TopSites
 from mechattr.finetune.trainer import TrainConfig
 from mechattr.patching import patch
+from mechattr.runs import unpatched
 from mechattr.sites import grid
 from mechattr.stats import Interval, bootstrap_accuracy, bootstrap_paired
 from mechattr.storage import write_json, write_text
@@ -272,14 +273,14 @@ def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = Tru
     of every neuron (~46k cells on SmolLM2) is too slow, so only AtP's top 2 x (largest neuron budget)
     are patched exactly, and the exact neuron ranking chooses among that shortlist.
     """
-    z = grid(model, "z")
-    rankings = {"head": {"exact": patch(model, task, z, progress=progress), "atp": attribute(model, task, z, "atp")}}
+    z, runs = grid(model, "z"), unpatched(model, task)  # one pair of runs for every ranking
+    rankings = {"head": {"exact": patch(runs, z, progress=progress), "atp": attribute(runs, z, "atp")}}
     if not neurons:
         return rankings, ()
-    estimate = attribute(model, task, grid(model, "neuron"), "atp")
+    estimate = attribute(runs, grid(model, "neuron"), "atp")
     budgets = matched_neurons(model, rankings["head"]["exact"], estimate, heads)
     shortlist = [site for site, _ in estimate.top(2 * max(budgets))]
-    rankings["neuron"] = {"exact": patch(model, task, shortlist, progress=progress), "atp": estimate}
+    rankings["neuron"] = {"exact": patch(runs, shortlist, progress=progress), "atp": estimate}
     return rankings, budgets
 
 

@@ -120,11 +120,20 @@ class Task:
     def index_of(self, pos: int | str) -> Int[Tensor, " n"]:
         """Each example's token index of `pos`: a name of `named_positions`, or an index (the same in all)."""
         if isinstance(pos, str):
-            if pos not in self.named_positions:
-                raise TaskError(f"task {self.name!r} has no position named {pos!r}; valid: "
-                                f"{', '.join(self.named_positions) or 'none (the task names no positions)'}")
-            return self.named_positions[pos]
+            return self._named(pos, f"task {self.name!r}")
         return torch.full((self.n_examples,), pos, dtype=torch.long, device=self.clean.device)
+
+    def index_at(self, site: Any) -> Int[Tensor, " n"] | None:
+        """Each example's token index of a site (anything with a `pos`) at a named position; None for a
+        site at a token index or over every position, which every example indexes alike."""
+        pos = getattr(site, "pos", None)
+        return self._named(pos, f"site {site}: task {self.name!r}") if isinstance(pos, str) else None
+
+    def _named(self, pos: str, who: str) -> Int[Tensor, " n"]:
+        if pos not in self.named_positions:
+            raise TaskError(f"{who} has no position named {pos!r}; valid: "
+                            f"{', '.join(self.named_positions) or 'none (the task names no positions)'}")
+        return self.named_positions[pos]
 
     def check_positions(self, sites: Iterable[Any]) -> None:
         """Raise a TaskError naming the first site (anything with a `pos`) whose position is not a real
@@ -132,7 +141,7 @@ class Task:
         for site in sites:
             pos = getattr(site, "pos", None)
             if isinstance(pos, str):
-                self.index_of(pos)
+                self.index_at(site)
             elif pos is not None and self.ragged and not 0 <= pos < int(self.lengths.min()):
                 i, shortest = int(self.lengths.argmin()), int(self.lengths.min())
                 raise TaskError(f"site {site}: pos {pos} is past the end of example {i}, which has {shortest} "
