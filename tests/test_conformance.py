@@ -4,16 +4,14 @@ matrix is `families.support_table()`, and each claim in it is asserted here (a c
 fail, so the table is updated when a family starts to work)."""
 
 import re
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 import mechattr
 from mechattr import families
 from mechattr.edges import attribute_edges, patch_edges
-from mechattr.forward import FastPathWarning, Forward, fast_path_verdict
+from mechattr.forward import Forward, fast_path_verdict
 from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Noise
 from mechattr.relevance import RelevanceError
@@ -127,44 +125,6 @@ def test_edges_equal_their_exact_reference(family, task, receiver):
     reference = tf.edge_reference(model, task, sender, receiver)
     assert _max_error(exact.per_example[0], reference) <= ATOL, name
     assert _max_error(reference, exact.corrupt) > 1e-4, f"{name}: the edge must move the metric"
-
-
-def _break_last_position_unembedding(model):
-    """Corrupt the unembedding only where it sees one position, as the resumed path calls it."""
-    def hook(module, args, output):
-        return output + 1e-3 if output.shape[1] == 1 else output
-    return model.unembed.register_forward_hook(hook)
-
-
-def _break_resumed_blocks(model):
-    """Make the last block fail whenever its queries are a suffix of its keys, as when a run reuses the
-    prefix's keys and values."""
-    def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if torch.is_tensor(mask) and mask.shape[-2] < mask.shape[-1]:
-            raise RuntimeError("block called on a suffix of the prompt")
-    return model.blocks[-1].register_forward_pre_hook(hook, with_kwargs=True)
-
-
-@pytest.mark.parametrize("breakage, says", [(_break_last_position_unembedding, "misses"),
-                                            (_break_resumed_blocks, "fails to run")], ids=["wrong", "raises"])
-def test_a_resumed_path_that_cannot_prove_itself_falls_back_exactly(family_root, task, breakage, says):
-    model = mechattr.load_model(str(families.build("llama", family_root / "llama-broken")))
-    handle = breakage(model)
-    sites = [Site("resid_pre", 1, pos=p) for p in (0, *tf.LATE)] + [Site("z", 1, pos=tf.LATE[1], head=3)]
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            effects = mechattr.patch(model, task, sites)
-            again = mechattr.patch(model, task, sites)
-        reference = tf.patch_reference(model, task, sites, "corrupt")
-    finally:
-        handle.remove()
-    messages = [str(w.message) for w in caught if issubclass(w.category, FastPathWarning)]
-    assert len(messages) == 1 and str(model.cfg.model_name) in messages[0] and says in messages[0]
-    assert fast_path_verdict(model) is not None
-    assert _max_error(effects.per_example, reference) <= ATOL
-    assert torch.equal(again.per_example, effects.per_example)
 
 
 def test_readme_support_matrix_is_the_table():

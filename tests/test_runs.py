@@ -11,7 +11,7 @@ from mechattr.edges import attribute_edges, patch_edges
 from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Noise, Zero
 from mechattr.patching import patch
-from mechattr.runs import other_run, readout, task_forward, unpatched
+from mechattr.runs import other_run, readout, unpatched
 from mechattr.sites import Site, grid
 from mechattr.verification import verify
 from tests.reference import logit_diff
@@ -158,12 +158,3 @@ def test_each_call_form_refuses_what_the_other_provides(gqa, tiny_task):
     estimate = attribute(gqa, tiny_task, grid(gqa, "z"), "atp")  # under Denoise
     with pytest.raises(ValueError, match=r"the estimate is under Denoise\(\) but the runs under Noise\(\)"):
         verify(runs, estimate)
-
-
-def test_a_resumed_run_needs_its_recorded_inputs(gqa, tiny_task):
-    forward = task_forward(gqa, tiny_task, "corrupt")
-    resid = torch.zeros(tiny_task.n_examples, tiny_task.n_pos, gqa.cfg.d_model)
-    with pytest.raises(ValueError, match="needs the block inputs of the unpatched run: call cache\\(\\) first"):
-        forward.run(1, [], 1, resid)
-    full = forward.run(1, [])  # a full forward needs nothing recorded
-    torch.testing.assert_close(full, gqa(tiny_task.corrupt)[:, -1], atol=1e-5, rtol=0)
