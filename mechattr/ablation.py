@@ -145,13 +145,13 @@ class EdgeAblator:
 
     def __call__(self, circuits: Sequence[set[Edge]]) -> Float[Tensor, "circuit example"]:
         ablated = self._mask(circuits)
-        readout = self.runs.readout()
+        row_metric = self.runs.row_metric()
         out = []
         for start in range(0, len(circuits), _COPIES):
             chunk = ablated[start:start + _COPIES]
-            logits = self.runs.forward.run(chunk.shape[0], _Ablation(self.model, self.send, self.recv, chunk,
+            logits = self.runs.forward.patched(chunk.shape[0], _Ablation(self.model, self.send, self.recv, chunk,
                                                                 self.values).hooks())
-            out.append(readout(logits).reshape(chunk.shape[0], -1))
+            out.append(row_metric(logits).reshape(chunk.shape[0], -1))
         return torch.cat(out)
 
 
@@ -174,7 +174,7 @@ class NodeAblator:
         # Cells never resume at block 0: the embedding runs before it, so an embed patch needs the full forward.
         self.layers = list(range(1, model_shape(runs.model)["n_layers"]))
         runs.record(sorted({s.hook for s in candidates}),
-                    base_hooks=[hook_name("resid_pre", layer) for layer in self.layers], resumable=True)
+                    base_hooks=[hook_name("resid_pre", layer) for layer in self.layers], block_inputs=True)
         self.runs = runs
         self.values = {s: runs.value(s) for s in candidates}
 

@@ -256,7 +256,7 @@ def ig_pass(runs: Runs, names: set[str], steps: int,
         shift = alpha.repeat_interleave(n)[:, None, None].to(source_embed.device)  # (rows, 1, 1), copy-major rows
         target = source_embed.repeat(copies, 1, 1)
         path = lambda act, shift=shift, target=target: act + shift * (target - act)  # noqa: E731
-        run = gradient_pass(runs.model, base_tokens.repeat(copies, 1), sorted(names), runs.readout(), embed=path,
+        run = gradient_pass(runs.model, base_tokens.repeat(copies, 1), sorted(names), runs.row_metric(), embed=path,
                             last=None if last is None else last.repeat(copies))
         first = run if first is None else first
         for name, g in (run.grads if reduce is None else reduce(run)).items():

@@ -108,9 +108,9 @@ def run_cells(runs: Runs, cells: Sequence[Cell], layers: Sequence[int] | None = 
     changed position. Batches hold about `batch_rows` rows (fewer rows start later on average; more rows
     run faster per row) and stay within `max_memory` bytes of activations.
     """
-    runs.record(base_hooks=[hook_name("resid_pre", layer) for layer in layers or ()], resumable=layers is not None)
+    runs.record(base_hooks=[hook_name("resid_pre", layer) for layer in layers or ()], block_inputs=layers is not None)
     resid = None if layers is None else runs.resid(layers)
-    forward, n, readout = runs.forward, runs.task.n_examples, runs.readout()
+    forward, n, row_metric = runs.forward, runs.task.n_examples, runs.row_metric()
     memory_cells = _rows_per_batch(runs.model, forward.tokens.shape[1], max_memory) // n
     per_batch = max(1, min(memory_cells, -(-batch_rows // n)))
     out: list[Tensor | None] = [None] * len(cells)
@@ -125,9 +125,9 @@ def run_cells(runs: Runs, cells: Sequence[Cell], layers: Sequence[int] | None = 
                 value = value[:, start:] if start and _spans_positions(site) else value
                 entries.setdefault(site.hook, []).append((site.where(rows, runs.task.index_at(site), start), value))
         hooks = [(name, _assign(e)) for name, e in entries.items()]
-        logits = forward.run(len(chunk), hooks, layer, None if layer is None else resid[hook_name("resid_pre", layer)],
+        logits = forward.patched(len(chunk), hooks, layer, None if layer is None else resid[hook_name("resid_pre", layer)],
                              start)
-        values = readout(logits)
+        values = row_metric(logits)
         for slot, i in enumerate(chunk):
             out[i] = values[slot * n:(slot + 1) * n]
     return torch.stack(out)

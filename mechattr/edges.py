@@ -128,7 +128,7 @@ def patch_edges(model: Any, task: Task | Sequence[Edge] | None = None, edges: Se
     groups = receiver_groups(model, edges)
     layers = sorted({layer for _, layer in groups})
     names = {s.hook for s in send} | {input_hook(k, l) for k, l in groups} | {output_hook(k, l) for k, l in groups}
-    runs.record(sorted(names), base_hooks=[hook_name("resid_pre", layer) for layer in layers], resumable=True)
+    runs.record(sorted(names), base_hooks=[hook_name("resid_pre", layer) for layer in layers], block_inputs=True)
     base, source = runs.base, runs.source
     check_receivers(model, groups, base.acts)
     delta = contributions(model, send, {h: intervention(base.acts[h], source.acts[h]) for h in names}) \

@@ -188,14 +188,14 @@ class Forward:
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = bool(self.keys_values)
 
-    def run(self, copies: int, hooks: list[tuple[str, Callable]], start_layer: int | None = None,
+    def patched(self, copies: int, hooks: list[tuple[str, Callable]], start_layer: int | None = None,
             resid: Float[Tensor, "n pos d_model"] | None = None, start_pos: int = 0) -> Float[Tensor, "rows vocab"]:
         """`copies` stacked copies of the batch under `hooks`. From block `start_layer` on, given `resid`
         (the unpatched input of that block), when the model allows it; from position `start_pos` on when
         `reuses_prefix` (hooks then see activations of positions start_pos.. only)."""
         resumed = self.resumable and start_layer is not None and resid is not None
         if resumed and not self.block_kwargs:
-            raise ValueError("Forward.run from a block needs the block inputs of the unpatched run: call cache() first")
+            raise ValueError("Forward.patched from a block needs the block inputs of the unpatched run: call cache() first")
         with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
             if not resumed:
                 return at_last(self.model(self.tokens.repeat(copies, 1)), self._last(copies)).float()

@@ -44,7 +44,7 @@ def patch(model: Any, task: Task | Grid | Sequence[Site] | None = None, sites: G
     check_intervention(runs.task, runs.intervention, grid.sites)
     layers = sorted({s.resume_layer for s in grid if s.resume_layer is not None}) if resume else None
     runs.record(sorted({s.hook for s in grid}), base_hooks=[hook_name("resid_pre", layer) for layer in layers or ()],
-                resumable=resume)
+                block_inputs=resume)
     cells = [[(site, runs.value(site))] for site in grid]
     per_example = run_cells(runs, cells, layers, max_memory=max_memory, progress=progress,
                             desc=f"patching {grid.kind}")  # (cells, n)

@@ -31,7 +31,7 @@ from mechattr.relevance import scale_edits_allowed
 from mechattr.sites import Site, hook_name
 from mechattr.tasks import Task
 
-__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "readout", "other_run", "task_forward",
+__all__ = ["Runs", "Pass", "unpatched", "gradient_pass", "row_metric", "other_run", "task_forward",
            "check_intervention", "setup", "DEFAULT_INTERVENTION"]
 
 DEFAULT_INTERVENTION = Denoise()  # what a site is set to when a call names no intervention
@@ -68,7 +68,7 @@ def check_intervention(task: Task, intervention: Intervention, units: Sequence[S
                      f"({', '.join(task.named_positions)}) or an examplewise intervention ({valid})")
 
 
-def readout(task: Task, reference: Float[Tensor, "n vocab"] | None) -> Callable[[Tensor], Tensor]:
+def row_metric(task: Task, reference: Float[Tensor, "n vocab"] | None) -> Callable[[Tensor], Tensor]:
     """Turns last-position logits of stacked copies of the task, [copies * n, vocab], into the task metric
     per row, [copies * n]. `reference` None: each row's own (clean) distribution is the reference."""
     def read(logits):
@@ -166,7 +166,7 @@ class Runs:
         self.model = model
         self.task = task.to(device_of(model))
         self.intervention = intervention
-        self.forward = task_forward(model, self.task, self.base_run)  # records on the first resumable record
+        self.forward = task_forward(model, self.task, self.base_run)  # records when block inputs are first asked for
         self._base: Pass | None = None
         self._source: Pass | None = None
         self._metrics: dict[str, Tensor] | None = None
@@ -180,15 +180,15 @@ class Runs:
         return other_run(self.base_run)
 
     def record(self, hooks: Iterable[str] = (), *, base_hooks: Iterable[str] = (), source_hooks: Iterable[str] = (),
-               resumable: bool = False) -> "Runs":
+               block_inputs: bool = False) -> "Runs":
         """Make the activations at `hooks` (both runs), `base_hooks` and `source_hooks` available, running a
-        run again only where it lacks one. `resumable`: the base run's recorded `Forward` too (what patched
-        runs resume from; on a model that cannot resume, nothing more)."""
+        run again only where it lacks one. `block_inputs`: what the base run's blocks receive too, recorded by
+        the runs' `Forward` (what patched runs resume from; on a model that cannot resume, nothing more)."""
         base_names, source_names = set(hooks) | set(base_hooks), set(hooks) | set(source_hooks)
         if source_names - _names(self._source):
             self._run_source(source_names)
-        if base_names - _names(self._base) or (resumable and self.forward.resumable and not self.forward.block_kwargs):
-            self._run_base(base_names, resumable)
+        if base_names - _names(self._base) or (block_inputs and self.forward.resumable and not self.forward.block_kwargs):
+            self._run_base(base_names, block_inputs)
         return self
 
     def _run_source(self, names: set[str] = frozenset()) -> Pass:
@@ -197,8 +197,8 @@ class Runs:
         self._source = _merged(self._source, logits, acts)
         return self._source
 
-    def _run_base(self, names: set[str] = frozenset(), resumable: bool = False) -> Pass:
-        forward = self.forward if resumable else task_forward(self.model, self.task, self.base_run, resumable=False)
+    def _run_base(self, names: set[str] = frozenset(), block_inputs: bool = False) -> Pass:
+        forward = self.forward if block_inputs else task_forward(self.model, self.task, self.base_run, resumable=False)
         logits, acts = forward.cache(sorted(names - _names(self._base)))
         self._base = _merged(self._base, logits, acts)
         return self._base
@@ -209,7 +209,7 @@ class Runs:
         ones where the model fires them) and d metric / d activation at each. A `Runs` that has not run its
         base run yet keeps this pass's activations and logits as its base run's."""
         reference = None if self.source_run == "corrupt" else self.reference
-        run = gradient_pass(self.model, self.task.tokens(self.base_run), hooks, readout(self.task, reference),
+        run = gradient_pass(self.model, self.task.tokens(self.base_run), hooks, row_metric(self.task, reference),
                             optional=optional, keep_graph=keep_graph, last=self.task.last, rules=rules)
         if self._base is None:
             self._base = Pass(None, run.logits, dict(run.acts), {}, {})
@@ -251,9 +251,9 @@ class Runs:
     def base_metric(self) -> Float[Tensor, " n"]:
         return self.metrics[self.base_run]
 
-    def readout(self) -> Callable[[Tensor], Tensor]:
-        """Per-row metric of stacked copies of the base run (see `readout`)."""
-        return readout(self.task, self.reference)
+    def row_metric(self) -> Callable[[Tensor], Tensor]:
+        """Per-row metric of stacked copies of the base run (see `row_metric`)."""
+        return row_metric(self.task, self.reference)
 
     def value(self, site: Site) -> Tensor:
         """intervention(base, source) at `site`: the value the do-operator sets it to, [n, *site]; at a
@@ -282,13 +282,13 @@ def _merged(recorded: Pass | None, logits: Tensor, acts: dict[str, Tensor]) -> P
 
 
 def unpatched(model: Any, task: Task, intervention: Intervention = DEFAULT_INTERVENTION, hooks: Sequence[str] = (), *,
-              base_hooks: Sequence[str] = (), resumable: bool = False) -> Runs:
+              base_hooks: Sequence[str] = (), block_inputs: bool = False) -> Runs:
     """The unpatched runs of `task` under `intervention`, to share between `patch`, `attribute`,
     `patch_edges`, `discover` and `verify`. Nothing runs until a hook is asked for: `hooks` (both runs)
     and `base_hooks` are recorded now if given, and any other hook a consumer needs later costs one more
-    forward of each run that lacks it. `resumable`: record the base run's block inputs too (patching)."""
+    forward of each run that lacks it. `block_inputs`: record what the base run's blocks receive too (patching)."""
     runs = Runs(model, task, intervention)
-    return runs.record(hooks, base_hooks=base_hooks, resumable=resumable) if hooks or base_hooks else runs
+    return runs.record(hooks, base_hooks=base_hooks, block_inputs=block_inputs) if hooks or base_hooks else runs
 
 
 def setup(model: Any, task: Any, units: Any, intervention: Intervention | None, consumer: str,

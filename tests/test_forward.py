@@ -64,6 +64,6 @@ def test_a_resumed_run_needs_its_recorded_inputs(gqa, tiny_task):
     forward = task_forward(gqa, tiny_task, "corrupt")
     resid = torch.zeros(tiny_task.n_examples, tiny_task.n_pos, gqa.cfg.d_model)
     with pytest.raises(ValueError, match="needs the block inputs of the unpatched run: call cache\\(\\) first"):
-        forward.run(1, [], 1, resid)
-    full = forward.run(1, [])  # a full forward needs nothing recorded
+        forward.patched(1, [], 1, resid)
+    full = forward.patched(1, [])  # a full forward needs nothing recorded
     torch.testing.assert_close(full, gqa(tiny_task.corrupt)[:, -1], atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ from mechattr.edges import attribute_edges, patch_edges
 from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Noise, Zero
 from mechattr.patching import patch
-from mechattr.runs import other_run, readout, unpatched
+from mechattr.runs import other_run, row_metric, unpatched
 from mechattr.sites import Site, grid
 from mechattr.verification import verify
 from tests.reference import logit_diff
@@ -20,8 +20,8 @@ from tests.reference import logit_diff
 @pytest.mark.parametrize("intervention", [Denoise(), Noise(), Zero()], ids=lambda i: i.name)
 def test_runs_hold_both_runs_activations_and_metrics(gqa, tiny_task, intervention):
     hook = "blocks.1.attn.hook_z"
-    for resumable in (False, True):
-        runs = unpatched(gqa, tiny_task, intervention, [hook], resumable=resumable)
+    for block_inputs in (False, True):
+        runs = unpatched(gqa, tiny_task, intervention, [hook], block_inputs=block_inputs)
         assert runs.source_run == other_run(intervention.base_run) != runs.base_run == intervention.base_run
         for run, tokens in (("clean", tiny_task.clean), ("corrupt", tiny_task.corrupt)):
             torch.testing.assert_close(runs.metrics[run], logit_diff(gqa, tokens, tiny_task.answer, tiny_task.wrong))
@@ -31,10 +31,10 @@ def test_runs_hold_both_runs_activations_and_metrics(gqa, tiny_task, interventio
         torch.testing.assert_close(runs.reference, gqa(tiny_task.clean)[:, -1].log_softmax(-1), atol=1e-5, rtol=0)
 
 
-def test_readout_reads_each_stacked_copy(gqa, tiny_task):
+def test_row_metric_reads_each_stacked_copy(gqa, tiny_task):
     runs = unpatched(gqa, tiny_task, Denoise())
     logits = torch.randn(3 * tiny_task.n_examples, 50, generator=torch.Generator().manual_seed(0))
-    per_row = readout(tiny_task, runs.reference)(logits)
+    per_row = row_metric(tiny_task, runs.reference)(logits)
     for copy in range(3):
         rows = logits[copy * 4:(copy + 1) * 4]
         expected = rows[torch.arange(4), tiny_task.answer] - rows[torch.arange(4), tiny_task.wrong]
