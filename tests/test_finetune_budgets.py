@@ -144,6 +144,23 @@ def test_seeds_run_apart_combine_to_the_same_statistics(curves):
         BudgetCurves.combine()
 
 
+def test_a_part_at_some_budgets_adds_its_seeds_there_only(curves):
+    _, _, result = curves
+    at = ("head", 2)
+    part = BudgetCurves(tuple(r for r in result.rows if r["seed"] == 1 and (r["kind"], r["budget"]) == at),
+                        {k: v for k, v in result.correct.items() if k[3] == 1 and k[:2] == at}, result.base,
+                        result.base_correct, {**result.meta, "seeds": [1], "budgets": {"head": [2]}})
+    first = _seeds(result, {0})
+    combined = BudgetCurves.combine(first, part)
+    assert combined.meta["budgets"] == result.meta["budgets"] and combined.meta["seeds"] == [0, 1]
+    drop = lambda entry: {k: v for k, v in entry.items() if k != "wall_s"}  # noqa: E731
+    by_cell = lambda curves: {(e["kind"], e["budget"], e["method"]): drop(e) for e in curves.summary()}  # noqa: E731
+    both, alone, got = by_cell(result), by_cell(first), by_cell(combined)
+    for cell, entry in got.items():  # both seeds at the part's budget, seed 0 alone everywhere else
+        assert entry == (both if cell[:2] == at else alone)[cell], cell
+    assert got[("head", 2, "random")]["runs"] == 2 * alone[("head", 2, "random")]["runs"]
+
+
 def test_bad_plans_and_rankings_are_refused(curves):
     with pytest.raises(ValueError, match="unknown \\['dropout'\\]"):
         BudgetPlan(baselines=("random", "dropout"))

@@ -210,13 +210,15 @@ class BudgetCurves:
     @classmethod
     def combine(cls, *parts: "BudgetCurves") -> "BudgetCurves":
         """One comparison from parts run separately with other seeds (say, seeds 5-9 added to 0-4 to narrow
-        the intervals): the parts must agree on everything but their seeds (task, splits, base model's
-        held-out correctness, budgets, draws, training settings) and share no run."""
+        the intervals): the parts must agree on everything but their seeds and budgets (task, splits, base
+        model's held-out correctness, draws, training settings) and share no run. A part may run some
+        budgets only (more seeds where the intervals are widest): each budget is then compared over the
+        seeds that ran it (`runs` in its summary)."""
         if not parts:
             raise ValueError("BudgetCurves.combine needs at least one part")
 
-        def plan(meta: dict[str, Any]) -> dict[str, Any]:  # what the parts must share: all but the seeds
-            kept = {key: value for key, value in meta.items() if key not in ("seeds", "notes")}
+        def plan(meta: dict[str, Any]) -> dict[str, Any]:  # what the parts must share: all but seeds and budgets
+            kept = {key: value for key, value in meta.items() if key not in ("seeds", "notes", "budgets")}
             return {**kept, "config": {**meta.get("config", {}), "seed": None}}
 
         first, *rest = parts
@@ -237,8 +239,13 @@ class BudgetCurves:
             correct.update(part.correct)
         seeds = sorted({s for part in parts for s in part.meta.get("seeds", ())})
         notes = list(dict.fromkeys(n for part in parts for n in part.meta.get("notes", ())))
+        budgets: dict[str, set] = {}
+        for part in parts:
+            for kind, sizes in part.meta.get("budgets", {}).items():
+                budgets.setdefault(kind, set()).update(sizes)
         return cls(tuple(r for part in parts for r in part.rows), correct, first.base, first.base_correct,
-                   {**first.meta, "seeds": seeds, "notes": notes})
+                   {**first.meta, "seeds": seeds, "notes": notes,
+                    "budgets": {kind: tuple(sorted(sizes)) for kind, sizes in budgets.items()}})
 
 
 def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
