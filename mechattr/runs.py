@@ -296,7 +296,7 @@ def setup(model: Any, task: Any, units: Any, intervention: Intervention | None, 
     """(runs, units) from either form of a consumer's call: `consumer(runs, units)`, on runs made by
     `unpatched` (and maybe shared), or `consumer(model, task, units, intervention=default)`."""
     if isinstance(model, Runs):
-        if intervention is not None:
+        if intervention is not None or isinstance(units, Intervention):
             raise TypeError(f"{consumer}(runs, ...): the runs carry the intervention ({model.intervention.name}), so "
                             "pass none again")
         if task is not None and units is not None:
