@@ -284,11 +284,11 @@ def _merged(recorded: Pass | None, logits: Tensor, acts: dict[str, Tensor]) -> P
 def unpatched(model: Any, task: Task, intervention: Intervention = DEFAULT_INTERVENTION, hooks: Sequence[str] = (), *,
               base_hooks: Sequence[str] = (), block_inputs: bool = False) -> Runs:
     """The unpatched runs of `task` under `intervention`, to share between `patch`, `attribute`,
-    `patch_edges`, `discover` and `verify`. Nothing runs until a hook is asked for: `hooks` (both runs)
-    and `base_hooks` are recorded now if given, and any other hook a consumer needs later costs one more
-    forward of each run that lacks it. `block_inputs`: record what the base run's blocks receive too (patching)."""
+    `patch_edges`, `discover` and `verify`. Nothing runs until something is asked for: `hooks` (both runs),
+    `base_hooks` and, with `block_inputs`, what the base run's blocks receive (patching resumes from it) are
+    recorded now, and any other hook a consumer needs later costs one more forward of each run that lacks it."""
     runs = Runs(model, task, intervention)
-    return runs.record(hooks, base_hooks=base_hooks, block_inputs=block_inputs) if hooks or base_hooks else runs
+    return runs.record(hooks, base_hooks=base_hooks, block_inputs=block_inputs)
 
 
 def setup(model: Any, task: Any, units: Any, intervention: Intervention | None, consumer: str,
