@@ -5,6 +5,7 @@ one file system), so a killed run or a concurrent reader never sees half a file 
 """
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["write_atomic", "write_bytes", "write_text", "write_json", "write_safetensors", "write_torch"]
+__all__ = ["write_atomic", "write_bytes", "write_text", "jsonable", "write_json", "write_safetensors", "write_torch"]
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -38,8 +39,22 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-def write_json(path: str | Path, value: Any, indent: int = 2, **dumps: Any) -> Path:
-    """`json.dumps(value, indent=indent, **dumps)` and a final newline."""
+def jsonable(value: Any) -> Any:
+    """Strict JSON: non-finite floats become null, tuples lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any, indent: int = 2, *, strict: bool = False, **dumps: Any) -> Path:
+    """`json.dumps(value, indent=indent, **dumps)` and a final newline; `strict`: as strict JSON (see
+    `jsonable`; a value that is still not JSON raises)."""
+    if strict:
+        value, dumps = jsonable(value), {**dumps, "allow_nan": False}
     return write_text(path, json.dumps(value, indent=indent, **dumps) + "\n")
 
 

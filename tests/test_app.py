@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import mechattr
-from mechattr.app import DELTA_FILE, STAGE_DIR, RunConfig, run, write_json
+from mechattr.app import DELTA_FILE, STAGE_DIR, RunConfig, run
 from mechattr.app.config import CURVE_TASKS
 from mechattr.finetune import Delta
 from mechattr.finetune.budgets import BudgetCurves
+from mechattr.storage import write_json
 from mechattr.tasks import cause_effect
 
 
@@ -33,7 +34,7 @@ def test_bad_config_names_the_field(changes, field, options):
 
 
 def test_directory_of_another_configuration_is_refused(tmp_path):
-    write_json(tmp_path / "config.json", vars(RunConfig.quick()))
+    write_json(tmp_path / "config.json", vars(RunConfig.quick()), strict=True)
     with pytest.raises(ValueError, match=r"another configuration.*'top_k': \(4, 3\)"):
         run(RunConfig.quick(top_k=3), tmp_path, progress=False)
 

@@ -36,3 +36,14 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         write_atomic(path, half_then_fail)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_strict_json_has_no_non_finite_numbers(tmp_path):
+    value = {"mean": float("nan"), "ci": (0.5, float("inf")), 3: [1.0]}
+    write_json(tmp_path / "loose.json", value)
+    assert "NaN" in (tmp_path / "loose.json").read_text()  # Python's json accepts it; other readers do not
+    write_json(tmp_path / "strict.json", value, strict=True)
+    assert json.loads((tmp_path / "strict.json").read_text()) == {"mean": None, "ci": [0.5, None], "3": [1.0]}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json(tmp_path / "bad.json", {"t": torch.zeros(1)}, strict=True)
+    assert not (tmp_path / "bad.json").exists()

@@ -10,6 +10,6 @@ Modules: `config` (`RunConfig`), `store` (the run directory: strict JSON records
 
 from mechattr.app.config import RunConfig
 from mechattr.app.stages import effects_summary, run
-from mechattr.app.store import DELTA_FILE, STAGE_DIR, write_json
+from mechattr.app.store import DELTA_FILE, STAGE_DIR
 
-__all__ = ["RunConfig", "run", "effects_summary", "STAGE_DIR", "DELTA_FILE", "write_json"]
+__all__ = ["RunConfig", "run", "effects_summary", "STAGE_DIR", "DELTA_FILE"]

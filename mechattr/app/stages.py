@@ -40,7 +40,7 @@ import torch
 from mechattr import causal
 from mechattr.app.config import RunConfig
 from mechattr.app.report import render
-from mechattr.app.store import DELTA_FILE, EXPORT_DIR, RunDirectory, write_json
+from mechattr.app.store import DELTA_FILE, EXPORT_DIR, RunDirectory
 from mechattr.attribution import attribute
 from mechattr.causal.components import AGAINST, knowledge_effects
 from mechattr.causal.prompts import context, question
@@ -48,14 +48,14 @@ from mechattr.effects import Effects
 from mechattr.finetune import Checkpoint, Delta, Evaluate, TopSites, TrainConfig, train
 from mechattr.finetune.budgets import BudgetPlan, budget_curves, rank_units
 from mechattr.finetune.evaluation import task_scores
-from mechattr.finetune.export import DELTA_FILE as DELTA_EXPORT, INFO_FILE, export
+from mechattr.finetune.export import INFO_FILE, export
 from mechattr.models import checkpoint_of, load_model
 from mechattr.patching import patch
 from mechattr.runs import unpatched
 from mechattr.selection import select
 from mechattr.sites import grid
 from mechattr.stats import summarize
-from mechattr.storage import write_text
+from mechattr.storage import write_json, write_text
 from mechattr.tasks import ioi
 from mechattr.tasks.registry import train_heldout
 
@@ -224,7 +224,7 @@ def _export(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
     return {"folder": EXPORT_DIR, "coordinates": result.delta.coordinates, "n_trained": result.n_trained,
             "entries_changed": changed, "max_logit_gap": gap, "heldout": task_scores(loaded, heldout),
             "sites": [str(s) for s in setup.sites]}, \
-        [f"{EXPORT_DIR}/{f}" for f in ("config.json", "model.safetensors", DELTA_EXPORT, INFO_FILE)]
+        [f"{EXPORT_DIR}/{f}" for f in ("config.json", "model.safetensors", DELTA_FILE, INFO_FILE)]
 
 
 def _heldout(run: RunDirectory) -> tuple[dict[str, Any], list[str]]:
@@ -259,7 +259,7 @@ def _run_all(config: RunConfig, out: Path, progress: bool, model: Any | None) ->
                   if getattr(other, f.name) != getattr(config, f.name)}
         raise ValueError(f"{out} holds a run of another configuration (saved vs given: {differ}); "
                          "choose another output directory or delete it")
-    write_json(saved, asdict(config))
+    write_json(saved, asdict(config), strict=True)
     r = RunDirectory(config, out, progress, model)
     metrics: dict[str, Any] = {"config": asdict(config), "tables": {"before": {}, "after": {}}, "knowledge": {}}
     for network in config.networks:
@@ -279,5 +279,5 @@ def _run_all(config: RunConfig, out: Path, progress: bool, model: Any | None) ->
     metrics["threads"] = torch.get_num_threads()
     write_text(out / "report.md", render(out, metrics))
     metrics["wall_s"] = time.perf_counter() - start  # this call, report included; each stage's time is in `stages`
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics, strict=True)
     return json.loads((out / "metrics.json").read_text())

@@ -6,7 +6,6 @@ into the same directory reuses every stage whose record and files are complete.
 
 import functools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -19,32 +18,16 @@ from mechattr.app.config import RunConfig
 from mechattr.causal.components import KnowledgeConfig, knowledge_task
 from mechattr.effects import Effects, save_effects
 from mechattr.finetune import Delta
+from mechattr.finetune.delta import DELTA_FILE
 from mechattr.models import load_model
-from mechattr.storage import write_text
+from mechattr.storage import write_json
 from mechattr.tasks import Task, cause_effect
 
-__all__ = ["STAGE_DIR", "DELTA_FILE", "EXPORT_DIR", "EFFECTS_DIR", "jsonable", "write_json", "RunDirectory"]
+__all__ = ["STAGE_DIR", "DELTA_FILE", "EXPORT_DIR", "EFFECTS_DIR", "RunDirectory"]
 
 STAGE_DIR = "stages"  # stage records, relative to the run directory
-DELTA_FILE = "delta.safetensors"  # the precision delta of the first seed
 EXPORT_DIR = "export"  # that run on the checkpoint's weights, as a Hugging Face model folder
 EFFECTS_DIR = "effects"  # saved effects, one directory each
-
-
-def jsonable(value: Any) -> Any:
-    """Strict JSON: non-finite floats become null, tuples lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def write_json(path: Path, value: Any) -> None:
-    """`value` as strict JSON (see `jsonable`), written atomically."""
-    write_text(path, json.dumps(jsonable(value), indent=2, allow_nan=False) + "\n")
 
 
 class RunDirectory:
@@ -114,6 +97,6 @@ class RunDirectory:
         start = time.perf_counter()
         result, files = compute()
         seconds = time.perf_counter() - start
-        write_json(record_path, {"result": result, "files": files, "seconds": seconds})
+        write_json(record_path, {"result": result, "files": files, "seconds": seconds}, strict=True)
         self.log[name] = {"status": "computed", "seconds": seconds}
         return json.loads(record_path.read_text())["result"]  # the same value whether computed or reused

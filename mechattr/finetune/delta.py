@@ -45,7 +45,9 @@ from mechattr.finetune.layouts import unused_parameters
 from mechattr.selection import SiteSet
 from mechattr.storage import write_safetensors
 
-__all__ = ["Delta", "merge", "COMPAT", "CHECKPOINT", "COORDINATES", "coordinates_of", "hf_name"]
+__all__ = ["Delta", "merge", "COMPAT", "CHECKPOINT", "COORDINATES", "coordinates_of", "hf_name", "DELTA_FILE"]
+
+DELTA_FILE = "delta.safetensors"  # where a run directory or an exported model folder keeps its Delta
 
 COMPAT = "transformer_bridge_compat"  # weights as `mechattr.load_model` returns them (compatibility mode)
 CHECKPOINT = "checkpoint"  # the checkpoint's own weights: a raw bridge or a plain Hugging Face model

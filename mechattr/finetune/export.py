@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechattr.finetune.delta import CHECKPOINT, COMPAT, Delta, coordinates_of
+from mechattr.finetune.delta import CHECKPOINT, COMPAT, DELTA_FILE, Delta, coordinates_of
 from mechattr.finetune.fused import FUSIONS, Place, checkpoint_places, skeleton, variant
 from mechattr.models import ModelNotAvailable, checkpoint_of, model_name
 from mechattr.storage import write_json
@@ -40,7 +40,6 @@ from mechattr.storage import write_json
 __all__ = ["export", "checkpoint_delta", "INFO_FILE", "DELTA_FILE"]
 
 INFO_FILE = "mechattr.json"  # what the folder was exported from
-DELTA_FILE = "delta.safetensors"  # the trained entries against the original checkpoint
 _FORMAT = "mechattr.export/1"
 _PROBE_LEN = 8  # tokens of the prompt on which the exported model must reproduce the bridge's logits
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative to the largest |logit|; others: 1e-2
