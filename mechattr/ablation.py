@@ -17,9 +17,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechattr.cells import run_cells
 from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contributions, input_hook, n_inputs,
                             output_hook, receive, receiver_groups)
-from mechattr.cells import run_cells
 from mechattr.interventions import Intervention, Noise
 from mechattr.models import model_shape
 from mechattr.runs import Runs, check_intervention
@@ -149,8 +149,8 @@ class EdgeAblator:
         out = []
         for start in range(0, len(circuits), _COPIES):
             chunk = ablated[start:start + _COPIES]
-            logits = self.runs.forward.patched(chunk.shape[0], _Ablation(self.model, self.send, self.recv, chunk,
-                                                                self.values).hooks())
+            hooks = _Ablation(self.model, self.send, self.recv, chunk, self.values).hooks()
+            logits = self.runs.forward.patched(chunk.shape[0], hooks)
             out.append(row_metric(logits).reshape(chunk.shape[0], -1))
         return torch.cat(out)
 

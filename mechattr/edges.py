@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from mechattr.attribution import ig_pass
+from mechattr.cells import run_cells
 from mechattr.effects import Effects
 from mechattr.graph import (HEAD_INPUTS, Edge, all_edges, check_receivers, contributions, input_hook, n_inputs,
                             output_hook, receive, receiver_groups)
-from mechattr.cells import run_cells
 from mechattr.interventions import Intervention
 from mechattr.relevance import applied, rules
 from mechattr.runs import Pass, Runs, check_intervention, setup
