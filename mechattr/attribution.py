@@ -265,9 +265,9 @@ def ig_pass(runs: Runs, names: set[str], steps: int,
     return Pass(first.metric[:n], first.logits[:n], acts, {k: v / steps for k, v in sums.items()}, {})
 
 
-def attribute(model: Any, task: Task | Grid | Sequence[Site] | None = None, sites: Grid | Sequence[Site] | str | None = None,
-              method: str = "atp", *, steps: int = 8, intervention: Intervention | None = None,
-              graddrop: bool = True) -> Effects:
+def attribute(model: Any, task: Task | Grid | Sequence[Site] | None = None,
+              sites: Grid | Sequence[Site] | str | None = None, method: str = "atp", *, steps: int = 8,
+              intervention: Intervention | None = None, graddrop: bool = True) -> Effects:
     """Estimate `patch(model, task, sites, intervention)` for every site from one source forward and one
     base forward and backward. "ig" runs `steps` points; "atp*" adds one partial backward per layer for
     GradDrop (`graddrop=False` keeps only its QK fix, at the cost of "atp").

@@ -125,8 +125,8 @@ def run_cells(runs: Runs, cells: Sequence[Cell], layers: Sequence[int] | None = 
                 value = value[:, start:] if start and _spans_positions(site) else value
                 entries.setdefault(site.hook, []).append((site.where(rows, runs.task.index_at(site), start), value))
         hooks = [(name, _assign(e)) for name, e in entries.items()]
-        logits = forward.patched(len(chunk), hooks, layer, None if layer is None else resid[hook_name("resid_pre", layer)],
-                             start)
+        start_resid = None if layer is None else resid[hook_name("resid_pre", layer)]
+        logits = forward.patched(len(chunk), hooks, layer, start_resid, start)
         values = row_metric(logits)
         for slot, i in enumerate(chunk):
             out[i] = values[slot * n:(slot + 1) * n]

@@ -118,7 +118,8 @@ class Forward:
         """Whether runs can start at a later position (needs an explicit mask and the captured cache)."""
         return bool(self.keys_values) and torch.is_tensor(self.block_kwargs[0].get("attention_mask"))
 
-    def cache(self, names: Iterable[str] = (), prove: bool = True) -> tuple[Float[Tensor, "n vocab"], dict[str, Tensor]]:
+    def cache(self, names: Iterable[str] = (), prove: bool = True
+              ) -> tuple[Float[Tensor, "n vocab"], dict[str, Tensor]]:
         """The unpatched run: last-position logits and the activations at hook `names`. On a bridge the
         same pass records each block's inputs and the keys and values that later runs resume from; the
         first time a model is seen, the resumed path is proved against it (see `_prove`). `prove=False`
@@ -189,13 +190,14 @@ class Forward:
                 kwargs["use_cache"] = bool(self.keys_values)
 
     def patched(self, copies: int, hooks: list[tuple[str, Callable]], start_layer: int | None = None,
-            resid: Float[Tensor, "n pos d_model"] | None = None, start_pos: int = 0) -> Float[Tensor, "rows vocab"]:
+                resid: Float[Tensor, "n pos d_model"] | None = None, start_pos: int = 0) -> Float[Tensor, "rows vocab"]:
         """`copies` stacked copies of the batch under `hooks`. From block `start_layer` on, given `resid`
         (the unpatched input of that block), when the model allows it; from position `start_pos` on when
         `reuses_prefix` (hooks then see activations of positions start_pos.. only)."""
         resumed = self.resumable and start_layer is not None and resid is not None
         if resumed and not self.block_kwargs:
-            raise ValueError("Forward.patched from a block needs the block inputs of the unpatched run: call cache() first")
+            raise ValueError("Forward.patched from a block needs the block inputs of the unpatched run: "
+                             "call cache() first")
         with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
             if not resumed:
                 return at_last(self.model(self.tokens.repeat(copies, 1)), self._last(copies)).float()

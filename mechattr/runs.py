@@ -187,7 +187,8 @@ class Runs:
         base_names, source_names = set(hooks) | set(base_hooks), set(hooks) | set(source_hooks)
         if source_names - _names(self._source):
             self._run_source(source_names)
-        if base_names - _names(self._base) or (block_inputs and self.forward.resumable and not self.forward.block_kwargs):
+        unrecorded = block_inputs and self.forward.resumable and not self.forward.block_kwargs
+        if base_names - _names(self._base) or unrecorded:
             self._run_base(base_names, block_inputs)
         return self
 

@@ -166,15 +166,17 @@ def stratified_count(strata: list[Stratum], level: float) -> tuple[float, tuple[
 
 
 def _intervention_of(estimate: Any) -> Intervention:
-    applied = estimate.applied if isinstance(estimate, Effects) else None
+    if not isinstance(estimate, Effects):
+        raise TypeError(f"verify(model, task, estimate): the estimate must be Effects, got {type(estimate).__name__}")
+    applied = estimate.applied
     if applied is None:
-        raise ValueError(f"verify: the estimate's intervention {getattr(estimate, 'intervention', None)!r} is not known "
+        raise ValueError(f"verify: the estimate's intervention {estimate.intervention!r} is not known "
                          "with its arguments (a Steer vector is not saved with effects); pass it as intervention=")
     return applied
 
 
-def verify(model: Any, task: Task | Effects | None = None, estimate: Effects | None = None, top: int = 20, sample: int = 40,
-           seed: int = 0, *, strata: int = 4, threshold: float = 0.1, level: float = 0.95,
+def verify(model: Any, task: Task | Effects | None = None, estimate: Effects | None = None, top: int = 20,
+           sample: int = 40, seed: int = 0, *, strata: int = 4, threshold: float = 0.1, level: float = 0.95,
            intervention: Intervention | None = None) -> Verification:
     """Exact patching of the `top` sites (or edges) with the largest estimated |effect| and of `sample` drawn
     (seeded, without replacement) from `strata` strata of the rest by estimated rank; how many important
@@ -194,7 +196,8 @@ def verify(model: Any, task: Task | Effects | None = None, estimate: Effects | N
     shared = isinstance(model, Runs)
     runs, estimate = setup(model, task, estimate, intervention or (None if shared else _intervention_of(estimate)),
                            "verify")
-    if shared and (estimate.intervention != runs.intervention.name or estimate.applied not in (None, runs.intervention)):
+    mismatched = estimate.intervention != runs.intervention.name or estimate.applied not in (None, runs.intervention)
+    if shared and mismatched:
         raise ValueError(f"verify: the estimate is under {estimate.applied or estimate.intervention!r} but the runs "
                          f"under {runs.intervention!r}; check it on runs of its own intervention")
     if top < 0 or sample < 0 or strata < 1:

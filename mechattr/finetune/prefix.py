@@ -190,15 +190,15 @@ class Prefix:
         """None when the resumed path reproduces `model`'s own last-position logits on the first rows, run in
         full; else what differed. A model whose blocks below `layer` differ from the base model's misses."""
         rows = torch.arange(min(_CHECK_ROWS, self.n_examples))
-        try:
-            if not self._forward(model).resumable:
-                return "cannot resume its blocks (the resumed forward failed its proof on this model)"
-            with torch.no_grad():
-                last = None if self.last is None else self.last[rows.to(self.last.device)]
-                expected = full_logits(model, self.tokens[rows.to(self.tokens.device)], last, "last").float()
+        with torch.no_grad():
+            last = None if self.last is None else self.last[rows.to(self.last.device)]
+            expected = full_logits(model, self.tokens[rows.to(self.tokens.device)], last, "last").float()
+            try:  # only the shortcut: a model whose own forward fails says so itself
+                if not self._forward(model).resumable:
+                    return "cannot resume its blocks (the resumed forward failed its proof on this model)"
                 got = self.logits(model, layer, rows).float()
-        except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
-            return f"from block {layer}, the resumed forward fails to run: {type(error).__name__}: {error}"
+            except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
+                return f"from block {layer}, the resumed forward fails to run: {type(error).__name__}: {error}"
         dtype = next(model.parameters()).dtype
         tolerance = max(1.0, float(expected.abs().max())) * TOLERANCE.get(dtype, 1e-5)
         error = float((got - expected).abs().max())
