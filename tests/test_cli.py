@@ -148,22 +148,41 @@ def test_curves_trains_every_method_and_scores_the_heldout_split(smollm2, tmp_pa
     from mechattr.finetune.budgets import BudgetCurves
     from mechattr.tasks import train_heldout
 
-    status = main(["curves", "--heads", "1", "--no-neurons", "--seeds", "0,1", "--draws", "1", "--baselines",
+    status = main(["curves", "--heads", "1", "--units", "neuron", "--seeds", "0,1", "--draws", "1", "--baselines",
                    "random", "--steps", "1", "--rank-examples", "4", "--heldout-examples", "16",
                    "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert status == 0
     curves = BudgetCurves.load(tmp_path)
-    assert sorted((r["method"], r["seed"]) for r in curves.rows) == [(m, s) for m in ("atp", "exact", "random")
-                                                                     for s in (0, 1)]
-    # Every SmolLM2 head owns as many entries (its W_Q rows and W_O columns, its group's W_K and W_V rows).
+    assert sorted((r["kind"], r["method"], r["seed"]) for r in curves.rows) == [
+        ("neuron", m, s) for m in ("atp", "exact", "random") for s in (0, 1)]
+    # --units neuron trains the neuron budget matched to one head's parameters (ranked, not trained): every
+    # SmolLM2 neuron owns as many entries (its gate and up rows, its down column).
+    (budget,) = curves.meta["budgets"]["neuron"]
+    per_neuron = n_trained(masks(smollm2, [mechattr.Site("neuron", 0, neuron=0)]))
+    per_head = n_trained(masks(smollm2, [mechattr.Site("z", 0, head=0)]))
+    assert curves.meta["budgets"]["head"] == [] and abs(budget * per_neuron - per_head) <= per_neuron / 2
     size = {r["method"]: r["n_trained"] for r in curves.rows}
-    assert size["random"] == size["exact"] == n_trained(masks(smollm2, [mechattr.Site("z", 0, head=0)]))
+    assert size["random"] == size["exact"] == size["atp"] == budget * per_neuron
     # The base model's held-out accuracy is that of the first 16 examples of greater_than's held-out split.
     heldout = train_heldout(smollm2, "greater_than", n=512, seed=0, heldout=0.5)[1].subset(slice(0, 16))
     assert curves.base["heldout_accuracy"] == pytest.approx(task_scores(smollm2, heldout)["accuracy"])
-    assert curves.meta["n_heldout"] == 16 and curves.meta["budgets"] == {"head": [1]}
+    assert curves.meta["n_heldout"] == 16
     assert all(line in out for line in curves.verdicts()) and (tmp_path / "curves.png").is_file()
+
+
+def test_curves_units_name_the_kinds_trained(capsys):
+    from mechattr.cli.curves import _units
+
+    parser = argparse.ArgumentParser()
+    mechattr.cli.curves.add(parser.add_subparsers())
+    parse = lambda *argv: _units(parser.parse_args(["curves", "--out", "x", *argv]))  # noqa: E731
+    assert parse() == ("head", "neuron") and parse("--no-neurons") == parse("--units", "head") == ("head",)
+    assert parse("--units", "neuron,head") == ("head", "neuron") and parse("--units", "neuron") == ("neuron",)
+    with pytest.raises(UsageError, match="unknown unit kind 'heads'; valid: head, neuron"):
+        parse("--units", "heads")
+    with pytest.raises(UsageError, match="leaves no unit kind"):
+        parse("--units", "neuron", "--no-neurons")
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ def _listed(values: tuple[int, ...]) -> str:
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    from mechattr.finetune.budgets import BudgetPlan
+    from mechattr.finetune.budgets import UNIT_KINDS, BudgetPlan
     from mechattr.finetune.methods import BASELINES
 
     plan = BudgetPlan()
@@ -27,7 +27,11 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="share held out (a task with its own split, such as greater_than, splits its items)")
     c.add_argument("--heads", default=_listed(plan.heads), help="head budgets, comma-separated")
     c.add_argument("--neurons", action=argparse.BooleanOptionalAction, default=True,
-                   help="also MLP-neuron budgets of the head budgets' parameter counts")
+                   help="also MLP-neuron budgets of the head budgets' parameter counts (--no-neurons: --units head)")
+    c.add_argument("--units", default=",".join(UNIT_KINDS),
+                   help=choices_help(UNIT_KINDS, "unit kinds trained, comma-separated") + "; heads are ranked "
+                        "either way, since the head budgets set the neuron budgets' parameter counts (--units "
+                        "neuron adds neuron budgets to a head comparison run before: `BudgetCurves.combine`)")
     c.add_argument("--seeds", default=_listed(plan.seeds), help="seeds of every point (batch order, random draws)")
     c.add_argument("--draws", type=int, default=plan.draws, help="random site sets per seed")
     c.add_argument("--baselines", default=",".join(plan.baselines),
@@ -59,6 +63,19 @@ def _plan(args: argparse.Namespace):
                       config=TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size))
 
 
+def _units(args: argparse.Namespace) -> tuple[str, ...]:
+    """The unit kinds `--units` names, less neurons under `--no-neurons`."""
+    from mechattr.finetune.budgets import UNIT_KINDS
+
+    units = names(args.units)
+    for kind in units:
+        check_choice("unit kind", kind, UNIT_KINDS)
+    units = tuple(kind for kind in UNIT_KINDS if kind in units and (args.neurons or kind != "neuron"))
+    if not units:
+        raise UsageError(f"--units {args.units!r} with --no-neurons leaves no unit kind to train")
+    return units
+
+
 def cmd_curves(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
@@ -67,15 +84,17 @@ def cmd_curves(args: argparse.Namespace) -> None:
     from mechattr.finetune.budgets import budget_curves, rank_units
     from mechattr.plots.finetune import plot_budget_curves
 
-    plan = _plan(args)
+    plan, units = _plan(args), _units(args)
     base = load_model(args)
     train_task, heldout = split(base, args)
     if args.heldout_examples is not None:
         heldout = heldout.subset(slice(0, args.heldout_examples))
     ranked = train_task.subset(slice(0, args.rank_examples))
-    print(f"ranking heads{' and neurons' if args.neurons else ''} on {ranked.n_examples} of "
-          f"{train_task.n_examples} training examples; scoring on {heldout.n_examples} held-out examples")
-    rankings, neurons = rank_units(base, ranked, plan.heads, args.neurons, progress=True)
+    print(f"ranking heads{' and neurons' if 'neuron' in units else ''} on {ranked.n_examples} of "
+          f"{train_task.n_examples} training examples; training {' and '.join(units)} budgets; scoring on "
+          f"{heldout.n_examples} held-out examples")
+    rankings, neurons = rank_units(base, ranked, plan.heads, "neuron" in units, progress=True)
+    rankings = {kind: rankings[kind] for kind in units}
     curves = budget_curves(lambda: load_model(args), train_task, heldout, rankings, replace(plan, neurons=neurons))
     out = Path(args.out)
     curves.save(out)
