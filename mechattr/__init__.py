@@ -15,13 +15,13 @@ The package in layers, each built on the ones before it:
 
 import importlib as _importlib
 import importlib.metadata as _metadata
-import warnings as _warnings
 
 from mechattr import interventions, tasks
 from mechattr.attribution import attribute
 from mechattr.circuits import discover
 from mechattr.effects import Effects
 from mechattr.models import load_model, native_model
+from mechattr.moved import moved_names as _moved_names
 from mechattr.patching import patch
 from mechattr.runs import unpatched
 from mechattr.selection import select
@@ -40,16 +40,14 @@ __all__ = ["__version__", "load_model", "native_model", "Site", "grid", "Task", 
 # Imported on first use: matplotlib and the trainer cost seconds that patching alone does not need.
 _LAZY = ("plots", "finetune", "causal")
 # Names the package exported before its front door shrank, and where they live now.
-_MOVED = {**{name: "mechattr.interventions" for name in ("Denoise", "Noise", "Zero", "Mean", "Resample",
-                                                          "GaussianNoise", "Steer")},
-          "NativeConfig": "mechattr.models", "Circuit": "mechattr.circuits", "load_effects": "mechattr.effects",
-          "save_effects": "mechattr.effects"}
+_moved = _moved_names("mechattr", {
+    **{name: f"mechattr.interventions.{name}" for name in ("Denoise", "Noise", "Zero", "Mean", "Resample",
+                                                            "GaussianNoise", "Steer")},
+    "NativeConfig": "mechattr.models.NativeConfig", "Circuit": "mechattr.circuits.Circuit",
+    "load_effects": "mechattr.effects.load_effects", "save_effects": "mechattr.effects.save_effects"})
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return _importlib.import_module(f"mechattr.{name}")
-    if name in _MOVED:
-        _warnings.warn(f"mechattr.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(_importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'mechattr' has no attribute {name!r}")
+    return _moved(name)

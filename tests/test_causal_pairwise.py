@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from mechattr import causal
-from mechattr.causal.pairwise import METHODS, lingam_direction, overwrite_cause
+from mechattr.causal.pairwise import PAIRWISE_METHODS, lingam_direction, overwrite_cause
 
 
 def test_lingam_finds_a_known_direction():
@@ -52,13 +52,13 @@ def lingam_reader(prompt: str) -> str:
 
 def test_knowledge_loses_and_the_data_win(sachs):
     told = causal.pairwise_discovery(knowledge_of(sachs), sachs, coefficient=1.0, df=3, trials=6, seed=0)
-    assert told.trials[METHODS[0]].all()  # ICA-LiNGAM on all rows
-    assert not told.trials[METHODS[1]].any() and not told.trials[METHODS[2]].any()
+    assert told.trials[PAIRWISE_METHODS[0]].all()  # ICA-LiNGAM on all rows
+    assert not told.trials[PAIRWISE_METHODS[1]].any() and not told.trials[PAIRWISE_METHODS[2]].any()
     read = causal.pairwise_discovery(lingam_reader, sachs, coefficient=1.0, df=3, trials=6, seed=0,
                                      max_tokens=2000)
-    assert read.accuracy(METHODS[2]).mean >= 5 / 6
+    assert read.accuracy(PAIRWISE_METHODS[2]).mean >= 5 / 6
     assert (read.trials[["cause", "effect"]].to_numpy() == told.trials[["cause", "effect"]].to_numpy()).all()
     reversed_edges = {(b, a) for a, b in sachs.edges}
     assert all(tuple(e) in reversed_edges for e in told.trials[["cause", "effect"]].to_numpy())
     frame = read.to_dataframe()
-    assert list(frame.method) == list(METHODS) and "| ICA-LiNGAM | 1.000 |" in read.to_markdown()
+    assert list(frame.method) == list(PAIRWISE_METHODS) and "| ICA-LiNGAM | 1.000 |" in read.to_markdown()

@@ -35,10 +35,10 @@ def test_parse_edges_matches_short_forms_of_parenthesised_names():
 def test_select_top_k_and_threshold():
     pairs = [("a", "b"), ("b", "a"), ("a", "c"), ("c", "a")]
     scores = torch.tensor([0.5, 2.0, 0.5, -1.0])
-    assert list(causal.select(pairs, scores, k=2).edges) == [("b", "a"), ("a", "b")]  # tie kept in pair order
-    assert set(causal.select(pairs, scores, threshold=0.0).edges) == {("a", "b"), ("b", "a"), ("a", "c")}
+    assert list(causal.predicted_graph(pairs, scores, k=2).edges) == [("b", "a"), ("a", "b")]  # tie kept in pair order
+    assert set(causal.predicted_graph(pairs, scores, threshold=0.0).edges) == {("a", "b"), ("b", "a"), ("a", "c")}
     with pytest.raises(ValueError, match="exactly one"):
-        causal.select(pairs, scores)
+        causal.predicted_graph(pairs, scores)
 
 
 @pytest.mark.slow

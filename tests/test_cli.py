@@ -149,7 +149,7 @@ def test_curves_trains_every_method_and_scores_the_heldout_split(smollm2, tmp_pa
     from mechattr.tasks import train_heldout
 
     status = main(["curves", "--heads", "1", "--units", "neuron", "--seeds", "0,1", "--draws", "1", "--baselines",
-                   "random", "--steps", "1", "--rank-examples", "4", "--heldout-examples", "16",
+                   "random", "--steps", "1", "--rank-examples", "2", "--heldout-examples", "16",
                    "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert status == 0
@@ -259,7 +259,7 @@ def test_help_lists_exactly_the_registries(capsys):
     from mechattr.finetune.methods import BASELINES
     from mechattr.finetune.data import LOSSES
     from mechattr.finetune.masks import KV_MODES
-    from mechattr.finetune.methods import METHODS as FINETUNE_METHODS, TopSites
+    from mechattr.finetune.methods import FINETUNE_METHODS, TopSites
     from mechattr.interventions import INTERVENTIONS
     from mechattr.sites import KINDS
     from mechattr.tasks import METRICS, TASKS

@@ -12,7 +12,7 @@ from mechattr.cli import _parser
 from mechattr.finetune import TrainConfig
 from mechattr.finetune.data import LOSSES
 from mechattr.finetune.masks import KV_MODES
-from mechattr.finetune.methods import METHODS as FINETUNE_METHODS
+from mechattr.finetune.methods import FINETUNE_METHODS
 from mechattr.interventions import INTERVENTIONS, Steer, by_name
 from mechattr.tasks import METRICS, TASKS
 

@@ -17,12 +17,16 @@ inside the model). `Summary` and `summarize` (over trials) live in `mechattr.sta
 from mechattr.causal.metrics import auroc, f1, fdr, graph_metrics, shd, tdr
 from mechattr.causal.pairwise import PairwiseResult, pairwise_discovery
 from mechattr.causal.problems import NETWORKS, Problem, from_csv, load
-from mechattr.causal.scoring import parse_edges, score_questions, select
+from mechattr.causal.scoring import parse_edges, predicted_graph, score_questions
 from mechattr.causal.settings import SETTINGS, conditions
 from mechattr.causal.table import ATTRIBUTIONS, AttributionTable, attribution_table
+from mechattr.moved import moved_names
 from mechattr.stats import Summary, summarize
 
 __all__ = ["Problem", "NETWORKS", "load", "from_csv", "SETTINGS", "conditions", "parse_edges",
-           "score_questions", "select", "tdr", "fdr", "f1", "shd", "auroc", "graph_metrics", "Summary",
+           "score_questions", "predicted_graph", "tdr", "fdr", "f1", "shd", "auroc", "graph_metrics", "Summary",
            "summarize", "ATTRIBUTIONS", "AttributionTable", "attribution_table", "PairwiseResult",
            "pairwise_discovery"]
+
+# `select` was this package's name for `predicted_graph`, beside `mechattr.select` (sites from effects).
+__getattr__ = moved_names(__name__, {"select": "mechattr.causal.scoring.predicted_graph"})

@@ -23,11 +23,13 @@ from mechattr.causal.problems import Problem
 from mechattr.causal.prompts import describe, largest, question
 from mechattr.causal.scoring import parse_edges, score_questions
 from mechattr.causal.table import TEXT_MAX_TOKENS, chars_per_token, is_scored
+from mechattr.moved import moved_names
 from mechattr.stats import Summary, summarize
 
-__all__ = ["PairwiseResult", "pairwise_discovery", "overwrite_cause", "lingam_direction", "METHODS"]
+__all__ = ["PairwiseResult", "pairwise_discovery", "overwrite_cause", "lingam_direction", "PAIRWISE_METHODS"]
 
-METHODS = ("ICA-LiNGAM", "model told LiNGAM", "model asked directly")
+PAIRWISE_METHODS = ("ICA-LiNGAM", "model told LiNGAM", "model asked directly")
+__getattr__ = moved_names(__name__, {"METHODS": f"{__name__}.PAIRWISE_METHODS"})
 
 _PROCEDURE = ("To decide the direction, follow the LiNGAM procedure: regress {y} on {x} and check whether the "
               "residuals are independent of {x}; then regress {x} on {y} and check whether those residuals "
@@ -55,22 +57,22 @@ def lingam_direction(frame: pd.DataFrame, seed: int = 0) -> tuple[str, str]:
 class PairwiseResult:
     """One row per trial: the edge overwritten and whether each method found the data's direction."""
 
-    trials: pd.DataFrame  # columns: trial, cause (data), effect (data), and one bool column per METHODS
+    trials: pd.DataFrame  # columns: trial, cause (data), effect (data), and one bool column per PAIRWISE_METHODS
     meta: dict[str, Any] = field(default_factory=dict)
 
     def accuracy(self, method: str) -> Summary:
-        if method not in METHODS:
-            raise KeyError(f"unknown method {method!r}; valid: {list(METHODS)}")
+        if method not in PAIRWISE_METHODS:
+            raise KeyError(f"unknown method {method!r}; valid: {list(PAIRWISE_METHODS)}")
         return summarize(self.trials[method].astype(float))
 
     def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame([{"method": m, **vars(self.accuracy(m))} for m in METHODS])
+        return pd.DataFrame([{"method": m, **vars(self.accuracy(m))} for m in PAIRWISE_METHODS])
 
     def to_markdown(self) -> str:
         lines = [f"Pairwise discovery on {self.meta.get('problem')} (c = {self.meta.get('coefficient')}, "
                  f"df = {self.meta.get('df')}, {len(self.trials)} trials)", "",
                  "| method | accuracy | sd | 95% CI |", "|---|---|---|---|"]
-        for m in METHODS:
+        for m in PAIRWISE_METHODS:
             x = self.accuracy(m)
             lines.append(f"| {m} | {x.mean:.3f} | {x.sd:.3f} | [{x.ci_low:.3f}, {x.ci_high:.3f}] |")
         return "\n".join(lines) + "\n"
@@ -116,8 +118,8 @@ def pairwise_discovery(model_or_predict: Any, problem: Problem, coefficient: flo
         told = _model_right(model_or_predict, shown, direction, _PROCEDURE.format(x=x, y=y), budget, count,
                             batch_size)
         direct = _model_right(model_or_predict, shown, direction, "", budget, count, batch_size)
-        rows.append({"trial": trial, "cause": b, "effect": a, METHODS[0]: found, METHODS[1]: told,
-                     METHODS[2]: direct})
+        rows.append({"trial": trial, "cause": b, "effect": a, PAIRWISE_METHODS[0]: found, PAIRWISE_METHODS[1]: told,
+                     PAIRWISE_METHODS[2]: direct})
     meta = {"problem": problem.name, "coefficient": coefficient, "df": df, "seed": seed, "max_tokens": budget,
             "seconds": time.perf_counter() - start}
     return PairwiseResult(pd.DataFrame(rows), meta)

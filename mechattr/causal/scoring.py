@@ -28,7 +28,7 @@ from torch import Tensor
 from mechattr.forward import attention_reads_cache
 from mechattr.tasks import single_token
 
-__all__ = ["YES", "NO", "score_questions", "parse_edges", "select"]
+__all__ = ["YES", "NO", "score_questions", "parse_edges", "predicted_graph"]
 
 YES, NO = " Yes", " No"
 
@@ -127,7 +127,7 @@ def parse_edges(text: str, labels: dict[str, str]) -> list[tuple[str, str]]:
     return edges
 
 
-def select(pairs: Sequence[tuple[str, str]], scores: Float[Tensor, " pair"], k: int | None = None,
+def predicted_graph(pairs: Sequence[tuple[str, str]], scores: Float[Tensor, " pair"], k: int | None = None,
            threshold: float | None = None) -> nx.DiGraph:
     """The predicted graph: the `k` highest-scoring pairs (ties keep pair order), or every pair scoring
     above `threshold`. Give exactly one of the two."""

@@ -22,7 +22,7 @@ import torch
 from mechattr.causal import metrics
 from mechattr.causal.problems import Problem
 from mechattr.causal.prompts import INSTRUCTION, context, fit_rows, question
-from mechattr.causal.scoring import parse_edges, score_questions, select
+from mechattr.causal.scoring import parse_edges, predicted_graph, score_questions
 from mechattr.causal.settings import SETTINGS, Condition, conditions
 from mechattr.stats import Summary, summarize
 
@@ -128,7 +128,7 @@ def _trial_rows(problem: Problem, trial: int, conds: dict[str, Condition], answe
         if scored:
             labels = torch.tensor([p in truth for p in pairs])
             k = None if threshold is not None else c.truth.number_of_edges()
-            predicted = select(pairs, answer, k=k, threshold=threshold)
+            predicted = predicted_graph(pairs, answer, k=k, threshold=threshold)
             extra = {"AUROC": metrics.auroc(answer, labels)}
             pair_rows += [{"trial": trial, "setting": key, "cause": a, "effect": b, "score": float(s),
                            "true": (a, b) in truth} for (a, b), s in zip(pairs, answer)]

@@ -1,5 +1,5 @@
 """`mechattr finetune`: precision fine-tuning of the top sites of saved effects, and `--compare` against
-the baselines of `finetune.methods.METHODS` (random sites and LoRA of the same size, bottom-k, full)."""
+the baselines of `finetune.methods.FINETUNE_METHODS` (random sites and LoRA of the same size, bottom-k, full)."""
 
 import argparse
 import time
@@ -154,7 +154,7 @@ def _compare(args: argparse.Namespace, out: Path, effects: list, precision: Any,
     """--compare: precision fine-tuning against the --baselines on the same data, steps and seeds."""
     from mechattr import plots
     from mechattr.finetune import TopSites, compare
-    from mechattr.finetune.methods import METHODS
+    from mechattr.finetune.methods import FINETUNE_METHODS
     from mechattr.plots.finetune import plot_comparison
 
     train_task, heldout, other, text = data
@@ -162,7 +162,7 @@ def _compare(args: argparse.Namespace, out: Path, effects: list, precision: Any,
     if args.estimate_from:
         methods.append(TopSites(effects_from(args.estimate_from, args.kinds), k=args.top_k, kv=args.kv,
                                 significant_only=args.significant_only, tag="precision (attribution)"))
-    methods += [METHODS[name].against(effects, args.top_k, args.kv) for name in names(args.baselines)]
+    methods += [FINETUNE_METHODS[name].against(effects, args.top_k, args.kv) for name in names(args.baselines)]
     start = time.time()
     table = compare(lambda: load_model(args), train_task, heldout, methods, config, seeds, other_task=other, text=text,
                     evaluation=evaluation)

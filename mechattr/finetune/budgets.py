@@ -44,7 +44,7 @@ from mechattr.effects import Effects
 from mechattr.finetune.data import Text
 from mechattr.finetune.harness import Scorer, run_trial, unrelated_text
 from mechattr.finetune.masks import n_trained
-from mechattr.finetune.methods import BASELINES, METHODS, Full, LoRA, Method, Setup, TopSites
+from mechattr.finetune.methods import BASELINES, FINETUNE_METHODS, Full, LoRA, Method, Setup, TopSites
 from mechattr.finetune.trainer import TrainConfig
 from mechattr.patching import patch
 from mechattr.runs import unpatched
@@ -295,7 +295,8 @@ def _methods(rankings: dict[str, Effects], budget: int, plan: BudgetPlan) -> lis
     """The precision methods (one per ranking) and the plan's baselines at one budget; full fine-tuning,
     which has no budget, runs once per seed apart."""
     methods: list[tuple[str, Method]] = [(r, TopSites(rankings[r], k=budget, tag=r)) for r in RANKINGS]
-    return methods + [(name, METHODS[name].against(rankings["atp"], budget, "any", **plan.settings(name)))
+    return methods + [(name, FINETUNE_METHODS[name].against(rankings["atp"], budget, "any",
+                                                             **plan.settings(name)))
                       for name in plan.baselines if name != "full"]
 
 

@@ -18,9 +18,10 @@ from torch import Tensor
 from mechattr.effects import Effects
 from mechattr.finetune.masks import full_masks, masks, n_trained
 from mechattr.finetune.trainer import TrainConfig
+from mechattr.moved import moved_names
 from mechattr.selection import SiteSet, select
 
-__all__ = ["Setup", "Method", "TopSites", "BottomSites", "RandomSites", "LoRA", "Full", "METHODS", "BASELINES",
+__all__ = ["Setup", "Method", "TopSites", "BottomSites", "RandomSites", "LoRA", "Full", "FINETUNE_METHODS", "BASELINES",
            "plain_model"]
 
 
@@ -211,5 +212,7 @@ class Full(Method):
 
 
 # The registry, the reference first, then the baselines in the order comparisons list them.
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TopSites, RandomSites, BottomSites, LoRA, Full)}
-BASELINES: tuple[str, ...] = tuple(name for name, cls in METHODS.items() if cls.baseline)
+FINETUNE_METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (TopSites, RandomSites, BottomSites, LoRA,
+                                                                       Full)}
+BASELINES: tuple[str, ...] = tuple(name for name, cls in FINETUNE_METHODS.items() if cls.baseline)
+__getattr__ = moved_names(__name__, {"METHODS": f"{__name__}.FINETUNE_METHODS"})
