@@ -8,7 +8,7 @@ The package in layers, each built on the ones before it:
   (labelled results), `graph` (nodes and edges), `sweeps` and `distributed` (scale);
 - the estimates: `attribution`, `relevance` (RelP's rules), `edges`, `ablation`, `circuits`,
   `faithfulness` (MIB's measure of a ranking), `verification`, `selection`;
-- shared: `stats`, `storage`;
+- shared: `stats`, `storage`, `moved` (old names, resolved with a DeprecationWarning);
 - precision fine-tuning: `finetune`; the paper's causal attribution model: `causal`; figures: `plots`;
 - the application: `app` (`mechattr run`) and `cli`.
 """

@@ -29,7 +29,7 @@ SHORTER = {"run": ["--quick"], "patch": ["--examples", "2", "--layers", "29"], "
 # (test_distributed_patch_under_torchrun_equals_one_process): here its command line is checked, not run again.
 TORCHRUN = ["torchrun", "--nproc-per-node", "2", "-m", "mechattr.cli", "patch", "--distributed"]
 # The same for the Python examples: each replacement must find its text, so an edited README is still shortened.
-PYTHON_REPLACE = {"n=8)": "n=2)", '"resid_pre", task.n_pos)': '"resid_pre", task.n_pos, layers=[0, 29])',
+PYTHON_REPLACE = {"n=8)": "n=2)", '"resid_pre", task.n_pos)': '"resid_pre", task.n_pos, layers=[28, 29])',
                   "slice(0, 16)": "slice(0, 2)", "steps=20": "steps=1",
                   "task_scores(base, heldout)": "task_scores(base, heldout.subset(slice(0, 8)))",
                   "task_scores(model, heldout)": "task_scores(model, heldout.subset(slice(0, 8)))"}

@@ -110,7 +110,7 @@ class RunConfig:
                      component_kinds=("attn_out",), component_layers=(0, 8, 16, 24), component_rows=2,
                      component_examples=4, component_trials=2, candidates=4, top_k=4, steps=4, seeds=(0,),
                      reattribute=("cancer",), curve_heads=(1,), curve_neurons=False, curve_seeds=(0,),
-                     curve_draws=1, curve_baselines=("random",), curve_steps=2, curve_rank_examples=4,
+                     curve_draws=1, curve_baselines=("random",), curve_steps=2, curve_rank_examples=2,
                      curve_heldout=32, fast=True)
         return cls(**{**small, **changes})
 
