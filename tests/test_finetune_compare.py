@@ -21,6 +21,27 @@ def effects():
     return mechattr.patch(model, answered_task(0), mechattr.grid(model, "z"), progress=False)
 
 
+@pytest.fixture(scope="module")
+def neuron_effects():
+    model = mechattr.native_model()
+    return model, mechattr.attribute(model, answered_task(0), mechattr.grid(model, "neuron"), "atp")
+
+
+@pytest.mark.parametrize("target", [1, 2500, 4000, 10**9])
+def test_random_sites_are_the_shortest_shuffled_prefix_nearest_the_target(neuron_effects, target):
+    """Against a scan of the prefixes: the first to reach the target, or the one before it where that is as
+    near; a target above the whole pool's count draws the whole pool."""
+    import random
+
+    model, effects = neuron_effects
+    pool = list(select(effects, top_k=len(effects.sites), significant_only=False).sites)
+    random.Random(7).shuffle(pool)  # RandomSites' draw for seed 7
+    count = lambda j: n_trained(masks(model, pool[:j]))  # noqa: E731
+    j = len(pool) if count(len(pool)) < target else next(j for j in range(1, len(pool) + 1) if count(j) >= target)
+    if j > 1 and abs(count(j - 1) - target) <= abs(count(j) - target):
+        j -= 1
+    assert RandomSites(effects).build(model, 7, target).sites.sites == tuple(pool[:j])
+
 def test_plain_model_computes_the_bridge_logits():
     model = mechattr.native_model()
     tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))

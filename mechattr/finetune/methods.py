@@ -134,8 +134,12 @@ class RandomSites(Method):
         count = lambda j: n_trained(masks(model, pool[:j], self.kv))  # noqa: E731  (monotone in j)
         if target is None:
             raise ValueError("RandomSites needs a target parameter count (the reference method's)")
-        lo, hi = 1, len(pool)
-        while lo < hi:  # smallest prefix reaching the target
+        # The smallest prefix reaching the target: doubling from 1, then halving. A budget is a small share
+        # of the pool (tens of SmolLM2's 46k neurons), and a count builds the masks of its whole prefix.
+        lo, hi = 1, 1
+        while hi < len(pool) and count(hi) < target:
+            lo, hi = hi + 1, min(2 * hi, len(pool))
+        while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
         if lo > 1 and abs(count(lo - 1) - target) <= abs(count(lo) - target):
