@@ -158,8 +158,11 @@ def validate(sites: Iterable[Any], model: Any, n_pos: int | None = None) -> None
     sender and receiver; named positions by the task (`Task.check_positions`). The first check of a
     kind on a model runs the model once (`models.hook_problem`)."""
     shape = model_shape(model)
+    problems: dict[str, str | None] = {}  # per kind: grids hold tens of thousands of sites of one kind
     for site in _as_sites(sites):
-        problem = _kind_problem(model, site.kind)
+        if site.kind not in problems:
+            problems[site.kind] = _kind_problem(model, site.kind)
+        problem = problems[site.kind]
         if problem is not None:
             raise ValueError(f"site {site}: site kind {site.kind!r} is not available on model {model_name(model)}: "
                              f"{problem}; valid kinds on this model: {', '.join(available_kinds(model))}")
@@ -259,6 +262,10 @@ def grid(model: Any, kind: str, n_pos: int | Sequence[int | str] | None = None, 
     if not sites:
         raise ValueError(f"the {kind!r} grid is empty: {dict((a, v) for a, v in axes if not v)}")
     # Only the ranges: whether the model can be patched at this kind is checked when a run uses the grid.
+    # Every axis but the layers is the model's own or range(n_pos): one site per layer is checked.
+    checked: set[int | None] = set()
     for site in sites:
-        _check_ranges(site, shape, n_pos if isinstance(n_pos, int) else None)
+        if site.layer not in checked:
+            checked.add(site.layer)
+            _check_ranges(site, shape, n_pos if isinstance(n_pos, int) else None)
     return Grid(kind=kind, axes=names, shape=tuple(len(v) for _, v in axes), sites=sites)

@@ -46,6 +46,8 @@ def test_grids(tiny):
         grid(tiny, "resid_pre")
     with pytest.raises(ValueError, match="layer 5 out of range"):
         grid(tiny, "z", layers=[5])
+    with pytest.raises(ValueError, match=r"neuron\[L-1 N0\]: layer -1 out of range"):
+        grid(tiny, "neuron", layers=[1, -1])
     assert Grid.of([Site("z", 0, head=0), Site("mlp_out", 1)]).kind == "mixed"
     assert set(KINDS) >= {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
                           "pattern", "neuron"}
