@@ -27,6 +27,7 @@ from mechattr.tasks import cause_effect
     ({"component_kinds": ("attention",)}, "component_kinds", "attn_out"),
     ({"trials": 1}, "trials", "at least 2"),
     ({"component_layers": (-1,)}, "component_layers", "None (every layer)"),
+    ({"examples": 7}, "examples", "even count >= 2 (whole pairs), got 7"),
 ])
 def test_bad_config_names_the_field(changes, field, options):
     with pytest.raises(ValueError, match=rf"RunConfig\.{field}:.*{re.escape(options)}"):
@@ -65,6 +66,8 @@ def test_outputs_are_complete(quick_run):
     assert loaded["attn_out"].clean_metric == pytest.approx(
         metrics["knowledge"]["before"]["S3"]["kinds"]["attn_out"]["clean_metric"], abs=1e-6)
     assert not (out / "finetune" / "precision.ckpt").exists()  # removed once the delta is saved
+    # Both splits capped at the configuration's first examples (the full splits hold 62 and 28).
+    assert metrics["sites"]["n_train"] == metrics["sites"]["n_heldout"] == RunConfig.quick().examples
 
 
 @pytest.mark.slow
@@ -115,11 +118,17 @@ def test_attributions_follow_from_the_trials(quick_run):
     assert len(trials) == 6 * metrics["config"]["trials"]
 
 
+def _heldout(model) -> mechattr.Task:
+    """The quick run's held-out pairs, built independently of the run."""
+    quick = RunConfig.quick()
+    return cause_effect(model, "heldout", heldout=quick.heldout, seed=quick.seed).subset(slice(0, quick.examples))
+
+
 @pytest.mark.slow
 def test_delta_reproduces_heldout_accuracy(quick_run):
     out, metrics = quick_run
     model = Delta.load(out / DELTA_FILE).apply(mechattr.load_model("smollm2-135m"))
-    heldout = cause_effect(model, "heldout", heldout=0.3, seed=0)
+    heldout = _heldout(model)
     with torch.no_grad():
         last = model(heldout.clean)[:, -1]  # (n, vocab)
     right = (last.gather(-1, heldout.answer[:, None]) > last.gather(-1, heldout.wrong[:, None])).float().mean()
@@ -133,15 +142,16 @@ def test_rerun_recomputes_only_the_missing_stage(quick_run, smollm2, tmp_path):
     first_out, first = quick_run
     out = tmp_path / "copy"
     shutil.copytree(first_out, out)
-    (out / "effects" / "heldout_sites_after" / "effects.safetensors").unlink()
+    # The knowledge patching after fine-tuning: a late stage that reads the delta, and the quick run's cheapest.
+    (out / "effects" / "knowledge_S3_after" / "effects.safetensors").unlink()
     delta_mtime = (out / DELTA_FILE).stat().st_mtime_ns
     again = run(RunConfig.quick(), out, progress=False, model=smollm2)
-    assert {name for name, log in again["stages"].items() if log["status"] == "computed"} == {"heldout"}
+    assert {name for name, log in again["stages"].items() if log["status"] == "computed"} == {"knowledge_after"}
     assert (out / DELTA_FILE).stat().st_mtime_ns == delta_mtime
     strip = lambda m: {k: v for k, v in m.items() if k not in ("stages", "wall_s")}  # noqa: E731
     assert strip(again) == strip(first)
-    record = json.loads((out / STAGE_DIR / "heldout.json").read_text())
-    assert record["result"] == first["heldout"]
+    record = json.loads((out / STAGE_DIR / "knowledge_after.json").read_text())
+    assert record["result"] == first["knowledge"]["after"]
 
 
 @pytest.mark.slow
@@ -154,7 +164,7 @@ def test_exported_folder_loads_with_plain_transformers(quick_run, smollm2):
     assert e["coordinates"] == "checkpoint" and e["max_logit_gap"] < 1e-3
     assert 0 < e["entries_changed"] <= e["n_trained"]
     model = AutoModelForCausalLM.from_pretrained(out / "export", dtype=torch.float32).eval()
-    heldout = cause_effect(smollm2, "heldout", heldout=0.3, seed=0)
+    heldout = _heldout(smollm2)
     with torch.no_grad():
         last = model(heldout.clean).logits[:, -1]
     right = (last.gather(-1, heldout.answer[:, None]) > last.gather(-1, heldout.wrong[:, None])).float().mean()

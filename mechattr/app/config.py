@@ -41,6 +41,7 @@ class RunConfig:
     lr: float = 1e-3  # learning rate of every method
     seeds: tuple[int, ...] = (0, 1, 2)  # the kept precision delta trains with the first
     heldout: float = 0.3  # share of cause-effect pairs held out from training
+    examples: int | None = None  # cause-effect examples used of each split, from its first (None: all)
     reattribute: tuple[str, ...] = ("asia",)  # networks whose table is recomputed on the fine-tuned model
     curve_tasks: tuple[str, ...] = (CURVE_TASKS[0],)  # tasks of the budget curves (train/held-out splits)
     # The default curves are one budget; `full` runs every budget, kind and baseline.
@@ -90,6 +91,9 @@ class RunConfig:
             bad("seeds", f"need one or more distinct seeds, got {self.seeds}")
         if not 0 < self.heldout < 1:
             bad("heldout", f"must be a share in (0, 1), got {self.heldout}")
+        # Two examples per pair (its Yes and its No question): an odd count would train one without the other.
+        if self.examples is not None and (self.examples < 2 or self.examples % 2):
+            bad("examples", f"need None (all) or an even count >= 2 (whole pairs), got {self.examples}")
         unknown_tasks = [t for t in self.curve_tasks if t not in TASKS or TASKS[t].split is None]
         if unknown_tasks:
             bad("curve_tasks", f"{unknown_tasks} are not tasks with a train/held-out split; valid: "
@@ -109,6 +113,7 @@ class RunConfig:
         small = dict(networks=("cancer",), trials=2, data_tokens=48, n_samples=200, component_network="cancer",
                      component_kinds=("attn_out",), component_layers=(0, 8, 16, 24), component_rows=2,
                      component_examples=4, component_trials=2, candidates=4, top_k=4, steps=4, seeds=(0,),
+                     examples=16,
                      reattribute=("cancer",), curve_heads=(1,), curve_neurons=False, curve_seeds=(0,),
                      curve_draws=1, curve_baselines=("random",), curve_steps=2, curve_rank_examples=2,
                      curve_heldout=32, fast=True)

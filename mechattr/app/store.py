@@ -52,8 +52,11 @@ class RunDirectory:
         return self._tuned
 
     def task(self, split: str) -> Task:
+        """The cause-effect pairs of `split` ("train" or "heldout"), the first `config.examples` of them."""
         if split not in self._tasks:
-            self._tasks[split] = cause_effect(self.base, split, heldout=self.config.heldout, seed=self.config.seed)
+            task = cause_effect(self.base, split, heldout=self.config.heldout, seed=self.config.seed)
+            cap = self.config.examples
+            self._tasks[split] = task if cap is None or cap >= task.n_examples else task.subset(slice(0, cap))
         return self._tasks[split]
 
     @property
