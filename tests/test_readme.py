@@ -31,6 +31,7 @@ TORCHRUN = ["torchrun", "--nproc-per-node", "2", "-m", "mechattr.cli", "patch", 
 # The same for the Python examples: each replacement must find its text, so an edited README is still shortened.
 PYTHON_REPLACE = {"n=8)": "n=2)", '"resid_pre", task.n_pos)': '"resid_pre", task.n_pos, layers=[28, 29])',
                   "slice(0, 16)": "slice(0, 2)", "steps=20": "steps=1",
+                  'mechattr.grid(base, "z"))': 'mechattr.grid(base, "z", layers=[28, 29]))',  # ranked: 2 layers
                   "task_scores(base, heldout)": "task_scores(base, heldout.subset(slice(0, 8)))",
                   "task_scores(model, heldout)": "task_scores(model, heldout.subset(slice(0, 8)))"}
 
