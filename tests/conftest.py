@@ -31,7 +31,7 @@ def pytest_xdist_make_scheduler(config, log):
     return ByModule(config, log)
 
 
-# The longest modules (about 570, 560 and 220 s of one thread each, the README's examples counted with
+# The longest modules (about 480, 450 and 200 s of one thread each, the README's examples counted with
 # test_app), started first so the others fill in around them and both workers finish together.
 _LONGEST_FIRST = ("tests/test_app.py", "tests/test_notebooks.py", "tests/test_cli.py")
 

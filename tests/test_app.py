@@ -28,6 +28,7 @@ from mechattr.tasks import cause_effect
     ({"trials": 1}, "trials", "at least 2"),
     ({"component_layers": (-1,)}, "component_layers", "None (every layer)"),
     ({"examples": 7}, "examples", "even count >= 2 (whole pairs), got 7"),
+    ({"curve_others": 0}, "curve_others", "at least 1"),
 ])
 def test_bad_config_names_the_field(changes, field, options):
     with pytest.raises(ValueError, match=rf"RunConfig\.{field}:.*{re.escape(options)}"):
@@ -62,7 +63,7 @@ def test_outputs_are_complete(quick_run):
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert len(figures) >= 5 and all((out / f).is_file() and (out / f).stat().st_size > 1000 for f in figures)
     loaded = mechattr.effects.load_effects(out / "effects" / "knowledge_S3_before")
-    assert set(loaded) == {"attn_out"} and [s.layer for s in loaded["attn_out"].sites] == [0, 8, 16, 24]
+    assert set(loaded) == {"attn_out"} and [s.layer for s in loaded["attn_out"].sites] == [12, 24]
     assert loaded["attn_out"].clean_metric == pytest.approx(
         metrics["knowledge"]["before"]["S3"]["kinds"]["attn_out"]["clean_metric"], abs=1e-6)
     assert not (out / "finetune" / "precision.ckpt").exists()  # removed once the delta is saved

@@ -8,7 +8,7 @@ import torch
 import mechattr
 from mechattr import Site, distributed, grid, patch
 from mechattr.attribution import attribute
-from mechattr.interventions import Denoise, Mean, Zero
+from mechattr.interventions import Mean, Zero
 
 # Run by torchrun on 2 ranks: every case's joined result (or error) is saved per rank.
 WORKER = textwrap.dedent("""

@@ -14,7 +14,7 @@ from mechattr.circuits import discover, edge_faithfulness, node_faithfulness
 from mechattr.edges import attribute_edges, patch_edges
 from mechattr.effects import Effects
 from mechattr.forward import fast_path_verdict
-from mechattr.graph import Edge, all_edges
+from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Mean, Noise, Resample, Zero
 from mechattr.tasks import Task, TaskError, from_jsonl, from_prompts, ioi
 from mechattr.tasks.builtin import IOI_TEMPLATES, NAMES, OBJECTS, PLACES

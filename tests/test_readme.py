@@ -19,12 +19,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # warning; what they compute is checked in test_cli and the modules' own tests. The main job runs its quick
 # configuration (resumed from the suite's own quick run, which test_app checks stage by stage); the others
 # take 2 examples, exact grids over the last layer, a circuit unpruned, 1 fine-tuning step on one seed
-# against one baseline, budget curves of 1 head, 1 step and 8 held-out examples.
+# against one baseline, budget curves of the neurons matched to 1 head, 1 step and 16 held-out examples (the
+# suite's one `curves` run on SmolLM2: its numbers are checked here).
 SHORTER = {"run": ["--quick"], "patch": ["--examples", "2", "--layers", "29"], "attribute": ["--examples", "2"],
            "verify": ["--top", "3", "--sample", "4"], "discover": ["--examples", "2", "--points", "3", "--no-prune"],
            "finetune": ["--steps", "1", "--seeds", "0", "--baselines", "random"],
-           "curves": ["--heads", "1", "--no-neurons", "--seeds", "0", "--draws", "1", "--baselines", "random",
-                      "--steps", "1", "--rank-examples", "2", "--heldout-examples", "8"]}
+           "curves": ["--heads", "1", "--units", "neuron", "--seeds", "3", "--draws", "1", "--baselines", "random",
+                      "--steps", "1", "--rank-examples", "2", "--heldout-examples", "16"]}
 # The README's torchrun line is the launch test_cli runs and checks against one process
 # (test_distributed_patch_under_torchrun_equals_one_process): here its command line is checked, not run again.
 TORCHRUN = ["torchrun", "--nproc-per-node", "2", "-m", "mechattr.cli", "patch", "--distributed"]
@@ -130,8 +131,35 @@ def run_in_one_process(items: list[dict], cwd: Path, env: dict) -> list[dict]:
     return json.loads((cwd / "results.json").read_text())
 
 
+def check_curves(out: Path, printed: str, model) -> None:
+    """The shortened curves command's results: the neuron budget matched to one head, every method at it, the
+    base model scored on the first 16 held-out examples."""
+    from mechattr import Site
+    from mechattr.finetune import masks, n_trained
+    from mechattr.finetune.budgets import BudgetCurves
+    from mechattr.finetune.evaluation import task_scores
+    from mechattr.tasks import train_heldout
+
+    curves = BudgetCurves.load(out)
+    assert sorted((r["kind"], r["method"], r["seed"]) for r in curves.rows) == [
+        ("neuron", m, 3) for m in ("atp", "exact", "random")]
+    # --units neuron trains the neuron budget matched to one head's parameters (ranked, not trained): every
+    # SmolLM2 neuron owns as many entries (its gate and up rows, its down column).
+    (budget,) = curves.meta["budgets"]["neuron"]
+    per_neuron = n_trained(masks(model, [Site("neuron", 0, neuron=0)]))
+    per_head = n_trained(masks(model, [Site("z", 0, head=0)]))
+    assert curves.meta["budgets"]["head"] == [] and abs(budget * per_neuron - per_head) <= per_neuron / 2
+    size = {r["method"]: r["n_trained"] for r in curves.rows}
+    assert size["random"] == size["exact"] == size["atp"] == budget * per_neuron
+    # The base model's held-out accuracy is that of the first 16 examples of greater_than's held-out split.
+    heldout = train_heldout(model, "greater_than", n=512, seed=0, heldout=0.5)[1].subset(slice(0, 16))
+    assert curves.base["heldout_accuracy"] == pytest.approx(task_scores(model, heldout)["accuracy"])
+    assert curves.meta["n_heldout"] == 16
+    assert all(line in printed for line in curves.verdicts()) and (out / "curves.png").is_file()
+
+
 @pytest.mark.slow
-def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
+def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run, smollm2):
     # Each command uses the threads this process may use (every core, or a test worker's share).
     # `mechattr run` finds its stages done in its output directory (a copy of the quick run) and writes
     # the report from their records: the command and its resuming are what is checked here.
@@ -161,3 +189,5 @@ def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run):
         assert out is None or (tmp_path / out).is_dir(), f"{' '.join(line)} wrote no {out}"
     assert (tmp_path / "runs/ioi_check/verification.json").is_file()
     assert (tmp_path / "runs/ce_finetune/comparison.md").is_file()
+    (curves,) = [result for line, result in zip(lines[:-1], ran) if line[1] == "curves"]
+    check_curves(tmp_path / "runs/gt_curves", curves["stdout"], smollm2)

@@ -55,6 +55,7 @@ class RunConfig:
     curve_steps: int = 5  # optimizer steps of every curve run
     curve_rank_examples: int = 32  # training examples the sites are ranked on (exact patching and AtP)
     curve_heldout: int | None = None  # held-out examples scored (None: the whole held-out split)
+    curve_others: int = 100  # most examples scored of each other task (collateral accuracy; IOI has 64)
     seed: int = 0  # draws data, prompts, made-up names and the train/held-out split
     fast: bool = False  # a smoke-test configuration (see `quick`); the report says so
 
@@ -79,7 +80,7 @@ class RunConfig:
         for name, low, why in (("top_k", 1, "a positive number of heads"), ("trials", 2, "at least 2 (intervals)"),
                                ("steps", 1, "at least 1"), ("batch_size", 1, "at least 1"),
                                ("component_rows", 1, "at least 1"), ("component_examples", 2, "at least 2"),
-                               ("component_trials", 1, "at least 1"),
+                               ("component_trials", 1, "at least 1"), ("curve_others", 1, "at least 1"),
                                ("data_tokens", 16, "at least 16 tokens"), ("n_samples", 10, "at least 10 rows")):
             if getattr(self, name) < low:
                 bad(name, f"must be {why}, got {getattr(self, name)}")
@@ -111,12 +112,12 @@ class RunConfig:
         """A small configuration for tests and CI: the 5-variable cancer network, short prompts, few layers,
         heads, steps and seeds."""
         small = dict(networks=("cancer",), trials=2, data_tokens=48, n_samples=200, component_network="cancer",
-                     component_kinds=("attn_out",), component_layers=(0, 8, 16, 24), component_rows=2,
+                     component_kinds=("attn_out",), component_layers=(12, 24), component_rows=2,
                      component_examples=4, component_trials=2, candidates=4, top_k=4, steps=4, seeds=(0,),
                      examples=16,
                      reattribute=("cancer",), curve_heads=(1,), curve_neurons=False, curve_seeds=(0,),
                      curve_draws=1, curve_baselines=("random",), curve_steps=2, curve_rank_examples=2,
-                     curve_heldout=32, fast=True)
+                     curve_heldout=16, curve_others=16, fast=True)
         return cls(**{**small, **changes})
 
     @classmethod

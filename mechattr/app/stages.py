@@ -167,8 +167,9 @@ def _curves(run: RunDirectory, name: str) -> tuple[dict[str, Any], list[str]]:
     for kind, pair in rankings.items():
         for ranking, effects in pair.items():
             files += run.save_effects(f"curves_{name}_{kind}_{ranking}", [effects], task=train_task.name)
-    others = [_curve_split(run, other)[1].subset(slice(0, 100)) for other in config.curve_tasks if other != name]
-    others.append(ioi(model, n=64, seed=config.seed))
+    cap = config.curve_others
+    others = [_curve_split(run, other)[1].subset(slice(0, cap)) for other in config.curve_tasks if other != name]
+    others.append(ioi(model, n=min(64, cap), seed=config.seed))
     plan = BudgetPlan(heads=config.curve_heads, neurons=neurons,
                       seeds=config.curve_seeds, draws=config.curve_draws, baselines=config.curve_baselines,
                       config=TrainConfig(lr=config.lr, steps=config.curve_steps, batch_size=config.batch_size))
