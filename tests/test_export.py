@@ -396,19 +396,5 @@ def test_smollm2_compatibility_mode_is_refused(smollm2):
         export(smollm2, "never")
 
 
-@pytest.mark.slow
-def test_finetune_export_trains_on_the_checkpoint_weights(tmp_path, capsys):
-    assert main(["attribute", "--method", "atp", "--n", "2", "--sites", "z", "--layers", "28,29",
-                 "--out", str(tmp_path / "atp")]) == 0
-    status = main(["finetune", "--sites-from", str(tmp_path / "atp"), "--top-k", "1", "--steps", "1",
-                   "--out", str(tmp_path / "run"), "--export", str(tmp_path / "hf")])
-    out, err = capsys.readouterr()
-    assert status == 0, err
-    assert "no compatibility mode" in out
-    delta = Delta.load(tmp_path / "run" / "delta.safetensors")
-    assert delta.coordinates == CHECKPOINT == json.loads((tmp_path / "run" / "metrics.json").read_text())["coordinates"]
-    tuned = delta.apply(mechattr.load_model("smollm2-135m", compatibility=False))
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    prompt = tuned.to_tokens("The Eiffel Tower is located in the city of")
-    with torch.no_grad():
-        assert float((exported(prompt).logits[:, -1] - tuned(prompt)[:, -1]).abs().max()) <= 1e-4
+# `mechattr finetune --export` on SmolLM2 runs, and its export is checked, in test_readme (the README's
+# command).

@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # configuration (resumed from the suite's own quick run, which test_app checks stage by stage); the others
 # take 2 examples, exact grids over the last layer, a circuit unpruned, 1 fine-tuning step on one seed
 # against one baseline, budget curves of the neurons matched to 1 head, 1 step and 16 held-out examples (the
-# suite's one `curves` run on SmolLM2: its numbers are checked here).
+# suite's one `curves` run on SmolLM2: its numbers are checked here, as the export of `finetune --export`).
 SHORTER = {"run": ["--quick"], "patch": ["--examples", "2", "--layers", "29"], "attribute": ["--examples", "2"],
            "verify": ["--top", "3", "--sample", "4"], "discover": ["--examples", "2", "--points", "3", "--no-prune"],
            "finetune": ["--steps", "1", "--seeds", "0", "--baselines", "random"],
@@ -158,6 +158,26 @@ def check_curves(out: Path, printed: str, model) -> None:
     assert all(line in printed for line in curves.verdicts()) and (out / "curves.png").is_file()
 
 
+def check_export(run: Path, folder: Path, printed: str) -> None:
+    """`finetune --export` trains on the checkpoint's own weights, and the folder it exports computes the
+    trained model's logits under plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import mechattr
+    from mechattr.finetune import Delta
+    from mechattr.finetune.delta import CHECKPOINT
+
+    assert "no compatibility mode" in printed
+    delta = Delta.load(run / "delta.safetensors")
+    assert delta.coordinates == CHECKPOINT == json.loads((run / "metrics.json").read_text())["coordinates"]
+    tuned = delta.apply(mechattr.load_model("smollm2-135m", compatibility=False))
+    exported = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    prompt = tuned.to_tokens("The Eiffel Tower is located in the city of")
+    with torch.no_grad():
+        assert float((exported(prompt).logits[:, -1] - tuned(prompt)[:, -1]).abs().max()) <= 1e-4
+
+
 @pytest.mark.slow
 def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run, smollm2):
     # Each command uses the threads this process may use (every core, or a test worker's share).
@@ -191,3 +211,5 @@ def test_the_examples_run_in_order_without_warnings(tmp_path, quick_run, smollm2
     assert (tmp_path / "runs/ce_finetune/comparison.md").is_file()
     (curves,) = [result for line, result in zip(lines[:-1], ran) if line[1] == "curves"]
     check_curves(tmp_path / "runs/gt_curves", curves["stdout"], smollm2)
+    (exported,) = [result for line, result in zip(lines[:-1], ran) if "--export" in line]
+    check_export(tmp_path / "runs/ce_export", tmp_path / "runs/ce_model", exported["stdout"])
