@@ -56,7 +56,7 @@ class RunDirectory:
         if split not in self._tasks:
             task = cause_effect(self.base, split, heldout=self.config.heldout, seed=self.config.seed)
             cap = self.config.examples
-            self._tasks[split] = task if cap is None or cap >= task.n_examples else task.subset(slice(0, cap))
+            self._tasks[split] = task if cap is None else task.subset(slice(0, cap))
         return self._tasks[split]
 
     @property

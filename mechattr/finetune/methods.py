@@ -6,6 +6,7 @@ parameters, LoRA adapters of about as many parameters (peft), or everything.
 """
 
 import copy
+import functools
 import types
 import random
 from dataclasses import dataclass, replace
@@ -131,7 +132,8 @@ class RandomSites(Method):
     def build(self, model, seed, target):
         pool = list(_ranked(self.effects).sites)
         random.Random(seed).shuffle(pool)
-        count = lambda j: n_trained(masks(model, pool[:j], self.kv))  # noqa: E731  (monotone in j)
+        # Monotone in j; cached: the search and the final nearest-of-two choice ask for some prefixes twice.
+        count = functools.cache(lambda j: n_trained(masks(model, pool[:j], self.kv)))
         if target is None:
             raise ValueError("RandomSites needs a target parameter count (the reference method's)")
         # The smallest prefix reaching the target: doubling from 1, then halving. A budget is a small share
