@@ -142,6 +142,11 @@ def test_seeds_run_apart_combine_to_the_same_statistics(curves):
         BudgetCurves.combine(_seeds(result, {0}), flipped)
     with pytest.raises(ValueError, match="at least one part"):
         BudgetCurves.combine()
+    # A part whose ranking chose other sites (other ranking examples, another shortlist) is not the same plan.
+    reranked = replace(seed_1, rows=tuple({**r, "sites": r["sites"][::-1] + ["z[L0 H0]"]} if r["method"] == "exact"
+                                          else r for r in seed_1.rows))
+    with pytest.raises(ValueError, match="exact-selected sites differ at 1 head\\(s\\).*rank every part alike"):
+        BudgetCurves.combine(_seeds(result, {0}), reranked)
 
 
 def test_a_part_at_some_budgets_adds_its_seeds_there_only(curves):
@@ -199,6 +204,13 @@ def test_rank_units_patches_every_head_and_the_estimates_top_neurons():
     torch.testing.assert_close(rankings["neuron"]["exact"].effect,
                                mechattr.patch(model, task, shortlist, progress=False).effect, rtol=0, atol=0)
     assert rank_units(model, task, heads=(1,), neurons=False)[1] == ()
+    # A part at fewer budgets given the first part's shortlist ranks the same neurons exactly.
+    part, part_budgets = rank_units(model, task, heads=(1,), shortlist=len(shortlist))
+    assert part_budgets == budgets[:1] and list(part["neuron"]["exact"].sites) == shortlist
+    torch.testing.assert_close(part["neuron"]["exact"].effect, rankings["neuron"]["exact"].effect, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"a shortlist of 1 neurons cannot rank the largest neuron budget, "
+                                         f"{max(budgets)} \\(matched to 2 heads\\)"):
+        rank_units(model, task, heads=(1, 2), shortlist=1)
 
 
 def test_a_tie_where_both_arms_are_right_on_every_example_says_so():

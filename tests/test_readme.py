@@ -149,6 +149,7 @@ def check_curves(out: Path, printed: str, model) -> None:
     per_neuron = n_trained(masks(model, [Site("neuron", 0, neuron=0)]))
     per_head = n_trained(masks(model, [Site("z", 0, head=0)]))
     assert curves.meta["budgets"]["head"] == [] and abs(budget * per_neuron - per_head) <= per_neuron / 2
+    assert f"neurons ranked exactly: AtP's top {2 * budget} (--shortlist)" in printed
     size = {r["method"]: r["n_trained"] for r in curves.rows}
     assert size["random"] == size["exact"] == size["atp"] == budget * per_neuron
     # The base model's held-out accuracy is that of the first 16 examples of greater_than's held-out split.

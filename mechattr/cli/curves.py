@@ -42,6 +42,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch-size", type=int, default=plan.config.batch_size, help="examples per step")
     c.add_argument("--rank-examples", type=int, default=32, help="training examples the sites are ranked on")
     c.add_argument("--heldout-examples", type=int, default=None, help="held-out examples scored (default: all)")
+    c.add_argument("--shortlist", type=int, default=None,
+                   help="neurons ranked exactly: AtP's top N (default: 2 x the largest neuron budget); a part run "
+                        "at fewer budgets than an earlier one gives the earlier one's, to rank the same neurons")
     c.add_argument("--out", required=True, help="output directory: curves.json, curves.md, curves.png")
     c.set_defaults(run=cmd_curves)
 
@@ -51,7 +54,7 @@ def _plan(args: argparse.Namespace):
     from mechattr.finetune.budgets import BudgetPlan
     from mechattr.finetune.methods import BASELINES
 
-    for option in ("--draws", "--steps", "--batch-size", "--rank-examples", "--heldout-examples"):
+    for option in ("--draws", "--steps", "--batch-size", "--rank-examples", "--heldout-examples", "--shortlist"):
         positive(option, getattr(args, option[2:].replace("-", "_")))
     for name in names(args.baselines):
         check_choice("baseline", name, BASELINES)
@@ -93,7 +96,10 @@ def cmd_curves(args: argparse.Namespace) -> None:
     print(f"ranking heads{' and neurons' if 'neuron' in units else ''} on {ranked.n_examples} of "
           f"{train_task.n_examples} training examples; training {' and '.join(units)} budgets; scoring on "
           f"{heldout.n_examples} held-out examples")
-    rankings, neurons = rank_units(base, ranked, plan.heads, "neuron" in units, progress=True)
+    rankings, neurons = rank_units(base, ranked, plan.heads, "neuron" in units, shortlist=args.shortlist,
+                                   progress=True)
+    if "neuron" in rankings:  # what a later part at fewer budgets passes to rank the same neurons
+        print(f"neurons ranked exactly: AtP's top {len(rankings['neuron']['exact'].sites)} (--shortlist)")
     rankings = {kind: rankings[kind] for kind in units}
     curves = budget_curves(lambda: load_model(args), train_task, heldout, rankings, replace(plan, neurons=neurons))
     out = Path(args.out)

@@ -237,6 +237,14 @@ class BudgetCurves:
                 raise ValueError(f"BudgetCurves.combine: run {repeated[0]} (kind, budget, method, seed, draw) is in "
                                  f"two parts; give each part its own seeds")
             correct.update(part.correct)
+        chosen: dict[tuple[str, int, str], list[str]] = {}
+        for row in (r for part in parts for r in part.rows if r["method"] in RANKINGS):
+            sites = chosen.setdefault((row["kind"], row["budget"], row["method"]), row["sites"])
+            if sites != row["sites"]:
+                raise ValueError(f"BudgetCurves.combine: the parts' {row['method']}-selected sites differ at "
+                                 f"{row['budget']} {row['kind']}(s) ({sites[:3]}... vs {row['sites'][:3]}...): they "
+                                 "ranked the units otherwise (other ranking examples, or another neuron shortlist); "
+                                 "rank every part alike (`rank_units(shortlist=...)`, `mechattr curves --shortlist`)")
         seeds = sorted({s for part in parts for s in part.meta.get("seeds", ())})
         notes = list(dict.fromkeys(n for part in parts for n in part.meta.get("notes", ())))
         budgets: dict[str, set] = {}
@@ -272,13 +280,16 @@ def matched_neurons(model: Any, heads: Effects, neurons: Effects, budgets: Seque
 
 
 def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = True, *,
-               progress: bool = False) -> tuple[dict[str, dict[str, Effects]], tuple[int, ...]]:
+               shortlist: int | None = None, progress: bool = False
+               ) -> tuple[dict[str, dict[str, Effects]], tuple[int, ...]]:
     """The `rankings` of `budget_curves`, measured on `task`, and the neuron budgets matched to the head
     budgets `heads` (() without `neurons`).
 
     Every head is ranked by exact patching and by AtP. Every MLP neuron is ranked by AtP; exact patching
-    of every neuron (~46k cells on SmolLM2) is too slow, so only AtP's top 2 x (largest neuron budget)
-    are patched exactly, and the exact neuron ranking chooses among that shortlist.
+    of every neuron (~46k cells on SmolLM2) is too slow, so only AtP's top `shortlist` neurons (default:
+    2 x the largest neuron budget) are patched exactly, and the exact neuron ranking chooses among them. A
+    part run at fewer budgets than an earlier one (`BudgetCurves.combine`) must give the earlier part's
+    shortlist, or its exact ranking may choose other neurons.
     """
     z, runs = grid(model, "z"), unpatched(model, task)  # one pair of runs for every ranking
     rankings = {"head": {"exact": patch(runs, z, progress=progress), "atp": attribute(runs, z, "atp")}}
@@ -286,8 +297,12 @@ def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = Tru
         return rankings, ()
     estimate = attribute(runs, grid(model, "neuron"), "atp")
     budgets = matched_neurons(model, rankings["head"]["exact"], estimate, heads)
-    shortlist = [site for site, _ in estimate.top(2 * max(budgets))]
-    rankings["neuron"] = {"exact": patch(runs, shortlist, progress=progress), "atp": estimate}
+    size = 2 * max(budgets) if shortlist is None else shortlist
+    if size < max(budgets):
+        raise ValueError(f"rank_units: a shortlist of {size} neurons cannot rank the largest neuron budget, "
+                         f"{max(budgets)} (matched to {max(heads)} heads); give at least {max(budgets)}")
+    chosen = [site for site, _ in estimate.top(size)]
+    rankings["neuron"] = {"exact": patch(runs, chosen, progress=progress), "atp": estimate}
     return rankings, budgets
 
 
