@@ -56,6 +56,21 @@ def test_prompt_parts_split_at_header():
     assert body.endswith("Question: Does c cause a b? Answer:")
 
 
+def test_prompts_from_written_rows_equal_prompts_from_the_frame():
+    """The made-up-name search writes an example's rows once (`csv_rows`) and only renames: the text must
+    be the frame's, with fewer rows than asked and with more."""
+    import pandas as pd
+
+    from mechattr.causal.prompts import csv_rows, describe
+
+    frame = pd.DataFrame({"a b": ["yes", "no", "yes"], "c": [0.5, 1, "no"]})
+    for n in (0, 2, 3, 5):
+        assert describe(["a b", "c"], csv_rows(frame, n), n) == describe(["a b", "c"], frame, n)
+        assert prompt_parts(("a b", "c"), csv_rows(frame, 3), n, ("c", "a b")) == prompt_parts(
+            ("a b", "c"), frame, n, ("c", "a b"))
+    assert describe(["a b", "c"], frame, 2).endswith("(CSV):\na b,c\nyes,0.5\nno,1\n")
+
+
 @pytest.mark.slow
 def test_knowledge_effects_equal_direct_patch(smollm2, asia):
     layers = [0, 29]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mechattr.causal.problems import Problem
-from mechattr.causal.prompts import describe, question
+from mechattr.causal.prompts import csv_rows, describe, question
 from mechattr.causal.scoring import NO, YES
 from mechattr.causal.settings import made_up_words
 from mechattr.effects import Effects
@@ -54,7 +54,8 @@ class KnowledgeConfig:
 
 def prompt_parts(labels: tuple[str, str], frame: Any, rows: int, pair: tuple[str, str]) -> tuple[str, str]:
     """(context up to and including the CSV header line, the data rows and question); the prompt is
-    their concatenation. `labels` are the two names in column order, `pair` the (cause, effect) names."""
+    their concatenation. `labels` are the two names in column order, `pair` the (cause, effect) names;
+    `frame` is the data (columns named `labels`) or its rows written by `prompts.csv_rows`."""
     full = describe(list(labels), frame, rows)
     header_end = full.index(",".join(labels) + "\n") + len(",".join(labels) + "\n")
     return full[:header_end], full[header_end:] + "".join(question(*pair))
@@ -79,10 +80,9 @@ def _s2_tokens(model: Any, head: str, body: str, tokens: Tensor) -> Tensor:
     return out
 
 
-def _prompts(model: Any, rows: Any, cols: list[str], names: dict[str, str], pair: tuple[str, str],
-             n_rows: int) -> tuple[str, str]:
-    frame = rows[cols].set_axis([names[v] for v in cols], axis=1)
-    return prompt_parts(tuple(names[v] for v in cols), frame, n_rows, (names[pair[0]], names[pair[1]]))
+def _prompts(lines: list[str], cols: list[str], names: dict[str, str], pair: tuple[str, str]) -> tuple[str, str]:
+    """`prompt_parts` under `names` for the data rows `lines` (written once per example: only names change)."""
+    return prompt_parts(tuple(names[v] for v in cols), lines, len(lines), (names[pair[0]], names[pair[1]]))
 
 
 def _example(model: Any, problem: Problem, edge: tuple[str, str], trial: int, against: str,
@@ -92,23 +92,28 @@ def _example(model: Any, problem: Problem, edge: tuple[str, str], trial: int, ag
     cols = list(edge) if rng.random() < 0.5 else list(edge[::-1])
     rows = problem.data.iloc[rng.permutation(len(problem.data))[:config.rows]]
     real = {v: problem.names[v] for v in cols}
+    lines = csv_rows(rows[cols], config.rows)
     questions = ((edge, YES), (edge[::-1], NO))
-    clean = {pair: _prompts(model, rows, cols, real, pair, config.rows) for pair, _ in questions}
+    clean = {pair: _prompts(lines, cols, real, pair) for pair, _ in questions}
     clean_ids = {pair: model.to_tokens("".join(text))[0] for pair, text in clean.items()}
     if against == "S2":
         return [(clean_ids[pair], _s2_tokens(model, *clean[pair], clean_ids[pair]), answer,
                  NO if answer == YES else YES) for pair, answer in questions]
+    # The data rows (the body up to its last line break) hold no name, so their token count is the clean
+    # prompts'; a candidate is tokenized whole first, and its header only if the lengths agree.
+    n_head = {pair: model.to_tokens(head).shape[1] for pair, (head, _) in clean.items()}
+    table = {pair: slice(n_head[pair], n_head[pair] + _count(model, body[:body.rindex("\n") + 1]))
+             for pair, (_, body) in clean.items()}
+
     # A name's token count depends on its neighbours (",name", "name?"), so each made-up name is checked
     # in the whole prompts, one variable at a time (the others keep their names meanwhile).
     def aligned(names: dict[str, str]) -> bool:
         """Same length, same header length, and the data rows on the same positions with the same tokens."""
         for pair, _ in questions:
-            head, body = _prompts(model, rows, cols, names, pair, config.rows)
-            ids, n_head = model.to_tokens(head + body)[0], model.to_tokens(head).shape[1]
-            n_table = _count(model, body[:body.rindex("\n") + 1])
-            same = slice(n_head, n_head + n_table)
-            if (len(ids) != len(clean_ids[pair]) or n_head != model.to_tokens(clean[pair][0]).shape[1]
-                    or not torch.equal(ids[same], clean_ids[pair][same])):
+            head, body = _prompts(lines, cols, names, pair)
+            ids = model.to_tokens(head + body)[0]
+            if (len(ids) != len(clean_ids[pair]) or model.to_tokens(head).shape[1] != n_head[pair]
+                    or not torch.equal(ids[table[pair]], clean_ids[pair][table[pair]])):
                 return False
         return True
 
@@ -121,7 +126,7 @@ def _example(model: Any, problem: Problem, edge: tuple[str, str], trial: int, ag
             raise TaskError(f"edge {edge}, trial {trial}: no made-up word among {len(words)} tokenizes like "
                             f"{real[v]!r} in the prompt; raise KnowledgeConfig.tries")
         fake[v] = word
-    return [(clean_ids[pair], model.to_tokens("".join(_prompts(model, rows, cols, fake, pair, config.rows)))[0],
+    return [(clean_ids[pair], model.to_tokens("".join(_prompts(lines, cols, fake, pair)))[0],
              answer, NO if answer == YES else YES) for pair, answer in questions]
 
 

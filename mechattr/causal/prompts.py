@@ -16,7 +16,7 @@ import pandas as pd
 
 from mechattr.causal.settings import Condition
 
-__all__ = ["describe", "context", "question", "INSTRUCTION", "fit_rows", "largest", "RowBudgetError"]
+__all__ = ["describe", "csv_rows", "context", "question", "INSTRUCTION", "fit_rows", "largest", "RowBudgetError"]
 
 INSTRUCTION = ("List the direct causal relations among these variables, one per line, "
                "written as: cause -> effect\nAnswer:\n")
@@ -26,20 +26,23 @@ class RowBudgetError(ValueError):
     """Not even a prompt without data rows fits the token budget; the message gives both counts."""
 
 
-def _table(data: pd.DataFrame, n_rows: int) -> str:
+def csv_rows(data: pd.DataFrame, n_rows: int) -> list[str]:
+    """The first `n_rows` rows of `data` as CSV lines (no header, no line breaks)."""
     # Values are written as they are; CSV quoting only matters for names, which may not contain commas.
-    header = ",".join(data.columns)
-    rows = [",".join(str(x) for x in row) for row in data.iloc[:n_rows].itertuples(index=False)]
-    return "\n".join([header, *rows]) + "\n"
+    return [",".join(str(x) for x in row) for row in data.iloc[:n_rows].itertuples(index=False)]
 
 
-def describe(names: list[str], data: pd.DataFrame | None, n_rows: int) -> str:
-    """The variables `names` and, unless `data` is None, its first `n_rows` rows as CSV."""
+def describe(names: list[str], data: pd.DataFrame | list[str] | None, n_rows: int) -> str:
+    """The variables `names` and, unless `data` is None, its first `n_rows` rows as CSV under a header
+    of its columns. `data` may also be those rows already written by `csv_rows` (the header is then
+    `names`): prompts that differ only in their names write the rows once."""
     text = f"The following variables are measured: {', '.join(names)}.\n"
     if data is None:
         return text
-    n_rows = min(n_rows, len(data))
-    return text + f"Here are {n_rows} observations of them, one row per sample (CSV):\n" + _table(data, n_rows)
+    header, rows = (names, data) if isinstance(data, list) else (list(data.columns), csv_rows(data, n_rows))
+    rows = rows[:n_rows]
+    return (text + f"Here are {len(rows)} observations of them, one row per sample (CSV):\n"
+            + "\n".join([",".join(header), *rows]) + "\n")
 
 
 def context(condition: Condition, n_rows: int) -> str:
