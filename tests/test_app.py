@@ -29,6 +29,7 @@ from mechattr.tasks import cause_effect
     ({"component_layers": (-1,)}, "component_layers", "None (every layer)"),
     ({"examples": 7}, "examples", "even count >= 2 (whole pairs), got 7"),
     ({"curve_others": 0}, "curve_others", "at least 1"),
+    ({"component_stride": 0}, "component_stride", "at least 1 (1: every layer)"),
 ])
 def test_bad_config_names_the_field(changes, field, options):
     with pytest.raises(ValueError, match=rf"RunConfig\.{field}:.*{re.escape(options)}"):
@@ -39,6 +40,14 @@ def test_directory_of_another_configuration_is_refused(tmp_path):
     write_json(tmp_path / "config.json", vars(RunConfig.quick()), strict=True)
     with pytest.raises(ValueError, match=r"another configuration.*'top_k': \(4, 3\)"):
         run(RunConfig.quick(top_k=3), tmp_path, progress=False)
+
+
+def test_the_knowledge_view_patches_every_other_layer_by_default_and_every_layer_in_full():
+    assert RunConfig().knowledge_layers(30) == tuple(range(0, 30, 2))
+    assert RunConfig().knowledge_layers(5) == (0, 2, 4)
+    assert RunConfig.full().knowledge_layers(30) == tuple(range(30))
+    assert RunConfig.quick().knowledge_layers(30) == (12, 24)  # named layers win over the stride
+    assert RunConfig().networks == ("asia",) and RunConfig.full().networks == ("asia", "sachs")
 
 
 def test_config_json_roundtrip():
@@ -64,6 +73,8 @@ def test_outputs_are_complete(quick_run):
     assert len(figures) >= 5 and all((out / f).is_file() and (out / f).stat().st_size > 1000 for f in figures)
     loaded = mechattr.effects.load_effects(out / "effects" / "knowledge_S3_before")
     assert set(loaded) == {"attn_out"} and [s.layer for s in loaded["attn_out"].sites] == [12, 24]
+    assert metrics["knowledge"]["before"]["S3"]["layers"] == [12, 24]
+    assert "The output of each of layers 12, 24 is patched" in report
     assert loaded["attn_out"].clean_metric == pytest.approx(
         metrics["knowledge"]["before"]["S3"]["kinds"]["attn_out"]["clean_metric"], abs=1e-6)
     assert not (out / "finetune" / "precision.ckpt").exists()  # removed once the delta is saved
@@ -174,3 +185,19 @@ def test_exported_folder_loads_with_plain_transformers(quick_run, smollm2):
     original = load_file(str(Path(mechattr.models.checkpoint_of("smollm2-135m")) / "model.safetensors"))
     assert sum(int((exported[k] != v).sum()) for k, v in original.items() if k in exported) == e["entries_changed"]
     assert set(original) - set(exported) <= {"lm_head.weight"}  # tied to the embedding, saved once
+
+
+@pytest.mark.slow
+def test_report_says_what_the_full_job_adds(quick_run, tmp_path):
+    """A run at other sizes than `--full` says in its report what `--full` would add (figures redrawn in a copy)."""
+    from dataclasses import asdict
+
+    from mechattr.app.report import render
+
+    out, metrics = quick_run
+    shutil.copytree(out, tmp_path / "copy")
+    config = {**asdict(RunConfig.quick()), "fast": False}
+    report = render(tmp_path / "copy", {**metrics, "config": config})
+    assert "> The input-level table on cancer; the component view at layers 12, 24; `mechattr run --full` adds " \
+           "asia, sachs and patches every layer." in report
+    assert "> Budget curves at 1 head(s) (no neuron budgets)" in report

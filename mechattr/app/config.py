@@ -15,8 +15,10 @@ CURVE_TASKS: tuple[str, ...] = ("greater_than", "ioi_distractor")
 # What `RunConfig.full()` (`mechattr run --full`) changes: every budget on every task, every baseline.
 FULL_CURVES: dict[str, Any] = dict(curve_tasks=CURVE_TASKS, curve_heads=(1, 2, 4, 8, 16), curve_neurons=True,
                                    curve_draws=3, curve_baselines=BASELINES)
+# ... and the attribution views at full size: both networks' tables, the knowledge view at every layer.
+FULL_VIEWS: dict[str, Any] = dict(networks=("asia", "sachs"), component_stride=1)
 
-__all__ = ["RunConfig", "CURVE_TASKS", "FULL_CURVES"]
+__all__ = ["RunConfig", "CURVE_TASKS", "FULL_CURVES", "FULL_VIEWS"]
 
 
 @dataclass(frozen=True)
@@ -24,13 +26,16 @@ class RunConfig:
     """What `run` measures and trains (see `mechattr.app.stages` for timings)."""
 
     model: str = DEFAULT_MODEL  # name for mechattr.load_model
-    networks: tuple[str, ...] = ("asia", "sachs")  # networks of the input-level attribution table
+    # Networks of the input-level attribution table. Sachs (11 variables, 110 questions per setting) would
+    # add about 3 min to the default job; `full` and notebook 04 show it.
+    networks: tuple[str, ...] = ("asia",)
     trials: int = 3  # trials per table (column order, data rows and made-up names redrawn)
     data_tokens: int = 160  # tokens for the data table in each table prompt, beyond the prompt without data
     n_samples: int = 1000  # rows sampled from each network
     component_network: str = "asia"  # network of the component-level knowledge-vs-data patching
     component_kinds: tuple[str, ...] = ("attn_out", "mlp_out")  # patched per layer (all positions at once)
-    component_layers: tuple[int, ...] | None = None  # layers patched there (None: every layer)
+    component_layers: tuple[int, ...] | None = None  # layers patched there (None: every component_stride-th)
+    component_stride: int = 2  # with component_layers None: layers 0, stride, 2 * stride, ... (`full`: 1)
     component_rows: int = 3  # data rows in each component prompt
     component_examples: int = 8  # most examples per component task
     component_trials: int = 4  # row redraws per edge; more give more prompts of one token length to keep
@@ -81,6 +86,7 @@ class RunConfig:
                                ("steps", 1, "at least 1"), ("batch_size", 1, "at least 1"),
                                ("component_rows", 1, "at least 1"), ("component_examples", 2, "at least 2"),
                                ("component_trials", 1, "at least 1"), ("curve_others", 1, "at least 1"),
+                               ("component_stride", 1, "at least 1 (1: every layer)"),
                                ("data_tokens", 16, "at least 16 tokens"), ("n_samples", 10, "at least 10 rows")):
             if getattr(self, name) < low:
                 bad(name, f"must be {why}, got {getattr(self, name)}")
@@ -107,6 +113,10 @@ class RunConfig:
         if not self.lr > 0:
             bad("lr", f"must be positive, got {self.lr}")
 
+    def knowledge_layers(self, n_layers: int) -> tuple[int, ...]:
+        """The layers the component view patches on a model of `n_layers` blocks."""
+        return self.component_layers or tuple(range(0, n_layers, self.component_stride))
+
     @classmethod
     def quick(cls, **changes: Any) -> "RunConfig":
         """A small configuration for tests and CI: the 5-variable cancer network, short prompts, few layers,
@@ -122,8 +132,9 @@ class RunConfig:
 
     @classmethod
     def full(cls, **changes: Any) -> "RunConfig":
-        """Every budget curve: both generated tasks, 1-16 heads and matched neurons, every baseline."""
-        return cls(**{**FULL_CURVES, **changes})
+        """Every budget curve (both generated tasks, 1-16 heads and matched neurons, every baseline), both
+        networks' tables and the knowledge view at every layer."""
+        return cls(**{**FULL_CURVES, **FULL_VIEWS, **changes})
 
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mechattr import plots
-from mechattr.app.config import FULL_CURVES
+from mechattr.app.config import FULL_CURVES, FULL_VIEWS
 from mechattr.causal import ATTRIBUTIONS, SETTINGS
 from mechattr.effects import Effects, load_effects
 from mechattr.finetune.budgets import BudgetCurves, summary_markdown
@@ -298,6 +298,20 @@ def _reading(metrics: dict) -> str:
             "that the answers rest on (or ignore) knowledge or data; more trials narrow the intervals.")
 
 
+def _differs(config: dict[str, Any], preset: dict[str, Any]) -> bool:
+    """Whether the run's configuration (as saved) differs from `preset` in any setting it names."""
+    return any((tuple(config[k]) if isinstance(v, tuple) else config[k]) != v for k, v in preset.items())
+
+
+def _layers(metrics: dict[str, Any]) -> str:
+    """The layers the component view patched, as "0, 2, ..., 28" when evenly spaced."""
+    layers = next(iter(metrics["knowledge"]["before"].values()))["layers"]
+    steps = {b - a for a, b in zip(layers, layers[1:])}
+    if len(layers) > 3 and len(steps) == 1:
+        return f"{layers[0]}, {layers[1]}, ..., {layers[-1]}"
+    return ", ".join(map(str, layers))
+
+
 def render(out: Path, metrics: dict[str, Any]) -> str:
     """Draw the figures into `out/figures/` and return the text of report.md."""
     paths = _figures(out, metrics)
@@ -306,12 +320,18 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
     if config["fast"]:
         lines += ["> **Smoke-test configuration** (`--fast`): tiny sizes; the numbers show that the pipeline "
                   "runs, not what the model does.", ""]
-    elif any((tuple(config[k]) if isinstance(v, tuple) else config[k]) != v for k, v in FULL_CURVES.items()):
-        lines += [f"> Budget curves at {', '.join(map(str, config['curve_heads']))} head(s)"
-                  + ("" if config["curve_neurons"] else " (no neuron budgets)")
-                  + f" on {', '.join(config['curve_tasks'])}, against {', '.join(config['curve_baselines'])} sites; "
-                  "`mechattr run --full` runs every budget (1-16 heads and matched neurons) on every task, "
-                  "against every baseline.", ""]
+    else:
+        if _differs(config, FULL_CURVES):
+            lines += [f"> Budget curves at {', '.join(map(str, config['curve_heads']))} head(s)"
+                      + ("" if config["curve_neurons"] else " (no neuron budgets)")
+                      + f" on {', '.join(config['curve_tasks'])}, against {', '.join(config['curve_baselines'])} "
+                      "sites; `mechattr run --full` runs every budget (1-16 heads and matched neurons) on every "
+                      "task, against every baseline.", ""]
+        if _differs(config, FULL_VIEWS):
+            lines += [f"> The input-level table on {', '.join(config['networks'])}; the component view at layers "
+                      f"{_layers(metrics)}; `mechattr run --full` adds "
+                      f"{', '.join(n for n in FULL_VIEWS['networks'] if n not in config['networks']) or 'no network'}"
+                      " and patches every layer.", ""]
     shown = {k: config[k] for k in ("networks", "trials", "data_tokens", "component_network", "top_k", "steps",
                                     "seeds", "lr", "seed", "curve_tasks", "curve_heads", "curve_seeds")}
     lines += [f"Configuration: `{json.dumps(shown)}` (all of it in `config.json`); {metrics['threads']} torch "
@@ -332,8 +352,9 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
     lines += ["## 2. Component level: which layers carry knowledge, which carry data", "",
               f"On {config['component_network']}: each prompt shows the two variables of one true edge and asks "
               "about it in both directions (answers \" Yes\" and \" No\"); the clean prompt is S1 and the "
-              "corrupted one differs only where the do-operator acts, position by position. Each layer's output "
-              "is patched from the clean run into the corrupted one (all positions at once).", "",
+              "corrupted one differs only where the do-operator acts, position by position. The output of each of "
+              f"layers {_layers(metrics)} is patched from the clean run into the corrupted one (all positions "
+              "at once).", "",
               *_knowledge_section(metrics["knowledge"], paths),
               "## 3. Precision fine-tuning for pairwise causal direction", "", *_sites_section(metrics["sites"], paths),
               *_delta_section(metrics, paths), *_export_section(metrics),

@@ -8,8 +8,9 @@ rerun into the same directory skips every stage whose record and files are compl
 1. `table_before_<network>`: the input-level causal attribution table of the base model (TDR per
    setting S1..S6; CAK, CAD, MAK, MAD with 95% t intervals over trials).
 2. `knowledge_before`: component-level knowledge vs data on `component_network`: exact patching of
-   each layer's attention and MLP output between S1 and S3 prompts (names replaced) and between S1 and
-   S2 prompts (data values masked), see `causal.components`.
+   the attention and MLP output of the layers `RunConfig.knowledge_layers` names (every other one by
+   default) between S1 and S3 prompts (names replaced) and between S1 and S2 prompts (data values
+   masked), see `causal.components`.
 3. `sites`: the attention heads that carry the direction of a cause-effect question: AtP over every
    head on the training pairs of `tasks.cause_effect`, its top `candidates` verified by exact
    patching; the `top_k` of largest exact |effect| are the precision sites.
@@ -113,16 +114,16 @@ def _table(run: RunDirectory, model: Any, network: str, when: str) -> tuple[dict
 
 def _knowledge(run: RunDirectory, model: Any, when: str) -> tuple[dict[str, Any], list[str]]:
     config = run.config
+    layers = config.knowledge_layers(len(model.blocks))
     result, files, decode = {}, [], model.tokenizer.decode
     for against in AGAINST:
         task = run.knowledge_task(against)  # the same prompts before and after fine-tuning
         effects = knowledge_effects(model, run.component_problem, config.component_kinds, against, run.knowledge_config,
-                                    layers=config.component_layers, progress=run.progress, per_position=False,
-                                    task=task)
+                                    layers=layers, progress=run.progress, per_position=False, task=task)
         files += run.save_effects(f"knowledge_{against}_{when}", effects, task=task.name, against=against,
                                   problem=config.component_network, stage=when)
         result[against] = {"task": task.name, "n_pos": task.n_pos, "clean_prompt": decode(task.clean[0, 1:]),
-                           "corrupt_prompt": decode(task.corrupt[0, 1:]),
+                           "corrupt_prompt": decode(task.corrupt[0, 1:]), "layers": list(layers),
                            "kinds": {e.kind: effects_summary(e) for e in effects}}
     return result, files
 
