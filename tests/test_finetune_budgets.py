@@ -9,7 +9,8 @@ import torch
 
 import mechattr
 from mechattr.finetune import Text, TrainConfig, masks, n_trained
-from mechattr.finetune.budgets import BudgetCurves, BudgetPlan, budget_curves, matched_neurons, rank_units
+from mechattr.finetune.budgets import BudgetCurves, BudgetPlan, budget_curves
+from mechattr.finetune.ranking import matched_neurons, rank_units
 from mechattr.finetune.evaluation import per_example
 from mechattr.stats import bootstrap_paired
 from tests.bridges import answered_task

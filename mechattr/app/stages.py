@@ -47,7 +47,8 @@ from mechattr.causal.components import AGAINST, knowledge_effects
 from mechattr.causal.prompts import context, question
 from mechattr.effects import Effects
 from mechattr.finetune import Checkpoint, Delta, Evaluate, TopSites, TrainConfig, train
-from mechattr.finetune.budgets import BudgetPlan, budget_curves, rank_units
+from mechattr.finetune.budgets import BudgetPlan, budget_curves
+from mechattr.finetune.ranking import rank_units
 from mechattr.finetune.evaluation import task_scores
 from mechattr.finetune.export import INFO_FILE, export
 from mechattr.models import checkpoint_of, load_model

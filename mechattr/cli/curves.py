@@ -84,7 +84,8 @@ def cmd_curves(args: argparse.Namespace) -> None:
 
     from mechattr import plots
     from mechattr.cli.finetune import split
-    from mechattr.finetune.budgets import budget_curves, rank_units
+    from mechattr.finetune.budgets import budget_curves
+    from mechattr.finetune.ranking import rank_units
     from mechattr.plots.finetune import plot_budget_curves
 
     plan, units = _plan(args), _units(args)

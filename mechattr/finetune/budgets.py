@@ -39,22 +39,18 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechattr.attribution import attribute
 from mechattr.effects import Effects
 from mechattr.finetune.data import Text
 from mechattr.finetune.harness import Scorer, run_trial, unrelated_text
 from mechattr.finetune.masks import n_trained
 from mechattr.finetune.methods import BASELINES, FINETUNE_METHODS, Full, LoRA, Method, Setup, TopSites
+from mechattr.finetune.ranking import matched_neurons
 from mechattr.finetune.trainer import TrainConfig
-from mechattr.patching import patch
-from mechattr.runs import unpatched
-from mechattr.sites import grid
 from mechattr.stats import Interval, bootstrap_accuracy, bootstrap_paired
 from mechattr.storage import write_json, write_text
 from mechattr.tasks import Task
 
-__all__ = ["BudgetPlan", "BudgetCurves", "budget_curves", "rank_units", "matched_neurons", "summary_markdown",
-           "RANKINGS", "UNIT_KINDS"]
+__all__ = ["BudgetPlan", "BudgetCurves", "budget_curves", "summary_markdown", "RANKINGS", "UNIT_KINDS"]
 
 RANKINGS = ("exact", "atp")  # the precision methods, by the ranking that chose their sites
 CEILING = 0.99  # held-out accuracy at which a tie says only that the task is learnt, not which sites are better
@@ -270,40 +266,6 @@ def summary_markdown(summary: Sequence[dict[str, Any]]) -> str:
                      f"{e['heldout_metric']:+.3f} | {e['kl_unrelated']:.4f} | {other} | {diff} | "
                      f"{e.get('verdict', '')} | {e['wall_s']:.1f} |")
     return "\n".join(lines)
-
-
-def matched_neurons(model: Any, heads: Effects, neurons: Effects, budgets: Sequence[int]) -> tuple[int, ...]:
-    """Neuron budgets whose parameter counts match those of the top-k `heads` at each head budget k."""
-    per_neuron = n_trained(TopSites(neurons, k=1).build(model, 0, None).masks)
-    counts = [n_trained(TopSites(heads, k=k).build(model, 0, None).masks) for k in budgets]
-    return tuple(sorted({max(1, round(c / per_neuron)) for c in counts}))
-
-
-def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = True, *,
-               shortlist: int | None = None, progress: bool = False
-               ) -> tuple[dict[str, dict[str, Effects]], tuple[int, ...]]:
-    """The `rankings` of `budget_curves`, measured on `task`, and the neuron budgets matched to the head
-    budgets `heads` (() without `neurons`).
-
-    Every head is ranked by exact patching and by AtP. Every MLP neuron is ranked by AtP; exact patching
-    of every neuron (~46k cells on SmolLM2) is too slow, so only AtP's top `shortlist` neurons (default:
-    2 x the largest neuron budget) are patched exactly, and the exact neuron ranking chooses among them. A
-    part run at fewer budgets than an earlier one (`BudgetCurves.combine`) must give the earlier part's
-    shortlist, or its exact ranking may choose other neurons.
-    """
-    z, runs = grid(model, "z"), unpatched(model, task)  # one pair of runs for every ranking
-    rankings = {"head": {"exact": patch(runs, z, progress=progress), "atp": attribute(runs, z, "atp")}}
-    if not neurons:
-        return rankings, ()
-    estimate = attribute(runs, grid(model, "neuron"), "atp")
-    budgets = matched_neurons(model, rankings["head"]["exact"], estimate, heads)
-    size = 2 * max(budgets) if shortlist is None else shortlist
-    if size < max(budgets):
-        raise ValueError(f"rank_units: a shortlist of {size} neurons cannot rank the largest neuron budget, "
-                         f"{max(budgets)} (matched to {max(heads)} heads); give at least {max(budgets)}")
-    chosen = [site for site, _ in estimate.top(size)]
-    rankings["neuron"] = {"exact": patch(runs, chosen, progress=progress), "atp": estimate}
-    return rankings, budgets
 
 
 def _methods(rankings: dict[str, Effects], budget: int, plan: BudgetPlan) -> list[tuple[str, Method]]:
