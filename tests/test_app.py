@@ -30,6 +30,7 @@ from mechattr.tasks import cause_effect
     ({"examples": 7}, "examples", "even count >= 2 (whole pairs), got 7"),
     ({"curve_others": 0}, "curve_others", "at least 1"),
     ({"component_stride": 0}, "component_stride", "at least 1 (1: every layer)"),
+    ({"curve_exact_examples": 0}, "curve_exact_examples", "None (every ranking example) or a positive count, got 0"),
 ])
 def test_bad_config_names_the_field(changes, field, options):
     with pytest.raises(ValueError, match=rf"RunConfig\.{field}:.*{re.escape(options)}"):
@@ -53,6 +54,13 @@ def test_the_knowledge_view_patches_every_other_layer_by_default_and_every_layer
 def test_config_json_roundtrip():
     config = RunConfig.quick(seeds=(3, 1), lr=3e-4)
     assert RunConfig.from_json(json.dumps(vars(config))) == config
+
+
+def test_exact_patching_ranks_curve_heads_on_fewer_examples_except_in_full():
+    assert RunConfig().curve_exact_examples == 8 and RunConfig.full().curve_exact_examples is None
+    # A run saved before the field existed ranked on every example: its directory is another configuration.
+    saved = {k: v for k, v in vars(RunConfig()).items() if k != "curve_exact_examples"}
+    assert RunConfig.from_json(json.dumps(saved)) == RunConfig(curve_exact_examples=None) != RunConfig()
 
 
 def _report_cells(report: str, first_cell: str) -> list[str]:
@@ -201,3 +209,7 @@ def test_report_says_what_the_full_job_adds(quick_run, tmp_path):
     assert "> The input-level table on cancer; the component view at layers 12, 24; `mechattr run --full` adds " \
            "asia, sachs and patches every layer." in report
     assert "> Budget curves at 1 head(s) (no neuron budgets)" in report
+    assert "sites ranked by AtP on 2 training examples and by exact patching on those;" in report
+    fewer = {**metrics["curves"][CURVE_TASKS[0]], "n_rank_exact": 1}
+    report = render(tmp_path / "copy", {**metrics, "config": config, "curves": {CURVE_TASKS[0]: fewer}})
+    assert "sites ranked by AtP on 2 training examples and by exact patching on the first 1;" in report

@@ -53,6 +53,7 @@ def test_usage_errors_return_2_and_help_returns_0(capsys):
     (["curves", "--heads", "1,two", "--out", "x"], "--heads must be comma-separated integers"),
     (["curves", "--baselines", "random,shuffled", "--out", "x"], "valid: random, bottom-k, lora, full"),
     (["curves", "--draws", "0", "--out", "x"], "--draws must be a positive integer"),
+    (["curves", "--exact-examples", "0", "--out", "x"], "--exact-examples must be a positive integer"),
 ])
 def test_bad_input_is_named_before_any_model_loads(capsys, tmp_path, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)

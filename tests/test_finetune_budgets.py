@@ -212,6 +212,18 @@ def test_rank_units_patches_every_head_and_the_estimates_top_neurons():
     with pytest.raises(ValueError, match=f"a shortlist of 1 neurons cannot rank the largest neuron budget, "
                                          f"{max(budgets)} \\(matched to 2 heads\\)"):
         rank_units(model, task, heads=(1, 2), shortlist=1)
+    # Exact patching on the first examples only; AtP, and so the random sites drawn from it, on all of them.
+    fewer, fewer_budgets = rank_units(model, task, heads=(1, 2), exact_examples=3)
+    first = task.subset(slice(0, 3))
+    torch.testing.assert_close(fewer["head"]["exact"].effect,
+                               mechattr.patch(model, first, heads, progress=False).effect, rtol=0, atol=0)
+    torch.testing.assert_close(fewer["neuron"]["exact"].effect,
+                               mechattr.patch(model, first, shortlist, progress=False).effect, rtol=0, atol=0)
+    assert fewer["head"]["exact"].n_examples == 3 < task.n_examples == fewer["head"]["atp"].n_examples
+    torch.testing.assert_close(fewer["head"]["atp"].effect, rankings["head"]["atp"].effect, rtol=0, atol=0)
+    assert fewer_budgets == budgets and list(fewer["neuron"]["exact"].sites) == shortlist
+    with pytest.raises(ValueError, match="exact_examples is a positive number of examples or None .all., got 0"):
+        rank_units(model, task, heads=(1,), exact_examples=0)
 
 
 def test_a_tie_where_both_arms_are_right_on_every_example_says_so():

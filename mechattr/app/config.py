@@ -14,7 +14,7 @@ from mechattr.tasks.registry import TASKS
 CURVE_TASKS: tuple[str, ...] = ("greater_than", "ioi_distractor")
 # What `RunConfig.full()` (`mechattr run --full`) changes: every budget on every task, every baseline.
 FULL_CURVES: dict[str, Any] = dict(curve_tasks=CURVE_TASKS, curve_heads=(1, 2, 4, 8, 16), curve_neurons=True,
-                                   curve_draws=3, curve_baselines=BASELINES)
+                                   curve_draws=3, curve_baselines=BASELINES, curve_exact_examples=None)
 # ... and the attribution views at full size: both networks' tables, the knowledge view at every layer.
 FULL_VIEWS: dict[str, Any] = dict(networks=("asia", "sachs"), component_stride=1)
 
@@ -58,7 +58,11 @@ class RunConfig:
     # Few steps: after 20, every method at every budget from 1 to 16 heads reaches 0.95-1.00 held-out
     # accuracy on greater_than, so accuracy no longer tells the sites apart (docs/budget_curves.md).
     curve_steps: int = 5  # optimizer steps of every curve run
-    curve_rank_examples: int = 32  # training examples the sites are ranked on (exact patching and AtP)
+    curve_rank_examples: int = 32  # training examples the sites are ranked on (AtP)
+    # The first of those that exact patching ranks on (None: all; `full`). Exact patching costs a forward
+    # per head and example: on 8 it is a quarter of the default job's ranking time and chooses the same
+    # head as on 32 (L6 H0, docs/budget_curves.md); random sites come from AtP's ranking either way.
+    curve_exact_examples: int | None = 8
     curve_heldout: int | None = None  # held-out examples scored (None: the whole held-out split)
     curve_others: int = 100  # most examples scored of each other task (collateral accuracy; IOI has 64)
     seed: int = 0  # draws data, prompts, made-up names and the train/held-out split
@@ -90,6 +94,9 @@ class RunConfig:
                                ("data_tokens", 16, "at least 16 tokens"), ("n_samples", 10, "at least 10 rows")):
             if getattr(self, name) < low:
                 bad(name, f"must be {why}, got {getattr(self, name)}")
+        if self.curve_exact_examples is not None and self.curve_exact_examples < 1:
+            bad("curve_exact_examples", f"need None (every ranking example) or a positive count, got "
+                f"{self.curve_exact_examples}")
         if self.component_layers is not None and (not self.component_layers or min(self.component_layers) < 0):
             bad("component_layers", f"need None (every layer) or layer indices >= 0, got {self.component_layers}")
         if self.candidates < self.top_k:
@@ -139,5 +146,7 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         values = json.loads(text)
+        # Runs saved before exact patching could rank on fewer examples ranked on every one.
+        values.setdefault("curve_exact_examples", None)
         return cls(**{f.name: tuple(values[f.name]) if isinstance(values[f.name], list) else values[f.name]
                       for f in fields(cls) if f.name in values})

@@ -217,8 +217,9 @@ def _curves_section(metrics: dict, paths: dict) -> list[str]:
         meta = c["meta"]
         lines += [f"### {name}", "",
                   f"{c['n_train']} training and {c['n_heldout']} held-out examples, e.g. "
-                  f"{c['clean_prompt']!r} -> {c['answer']!r} (not {c['wrong']!r}); sites ranked on "
-                  f"{c['n_rank']} training examples"
+                  f"{c['clean_prompt']!r} -> {c['answer']!r} (not {c['wrong']!r}); sites ranked by AtP on "
+                  f"{c['n_rank']} training examples and by exact patching on "
+                  + (f"the first {c['n_rank_exact']}" if c["n_rank_exact"] < c["n_rank"] else "those")
                   + (f", neurons' exact ranking among the {c['n_neuron_shortlist']} with the largest AtP "
                      "estimates" if c["n_neuron_shortlist"] else "")
                   + f"; {config['curve_steps']} steps, seeds {meta['seeds']}, {meta['draws']} random draw(s) per "

@@ -15,10 +15,11 @@ rerun into the same directory skips every stage whose record and files are compl
    head on the training pairs of `tasks.cause_effect`, its top `candidates` verified by exact
    patching; the `top_k` of largest exact |effect| are the precision sites.
 4. `curves_<task>`: budget curves on each of `curve_tasks` (generated tasks with room to improve):
-   heads ranked by exact patching and by AtP on `curve_rank_examples` training examples, neurons by
-   AtP with its top ones verified by exact patching; then `finetune.budget_curves` of exact- and
-   AtP-selected sites against random sites of the same parameter count and the other baselines, at
-   every budget and seed, each scored on the held-out split and on the other tasks.
+   heads ranked by AtP on `curve_rank_examples` training examples and by exact patching on the
+   first `curve_exact_examples` of them, neurons by AtP with its top ones verified by exact
+   patching; then `finetune.budget_curves` of exact- and AtP-selected sites against random sites of
+   the same parameter count and the other baselines, at every budget and seed, each scored on the
+   held-out split and on the other tasks.
 5. `delta`: precision fine-tuning of the stage-3 heads on the cause-effect pairs (first seed); its
    delta is kept for stages 7-8.
 6. `export`: stage 5's run again on the checkpoint's own weights, exported as a Hugging Face folder
@@ -164,7 +165,8 @@ def _curves(run: RunDirectory, name: str) -> tuple[dict[str, Any], list[str]]:
     config, model = run.config, run.base
     train_task, heldout = _curve_split(run, name)
     ranked = train_task.subset(slice(0, config.curve_rank_examples))
-    rankings, neurons = rank_units(model, ranked, config.curve_heads, config.curve_neurons, progress=run.progress)
+    rankings, neurons = rank_units(model, ranked, config.curve_heads, config.curve_neurons,
+                                   exact_examples=config.curve_exact_examples, progress=run.progress)
     files = []
     for kind, pair in rankings.items():
         for ranking, effects in pair.items():
@@ -180,7 +182,7 @@ def _curves(run: RunDirectory, name: str) -> tuple[dict[str, Any], list[str]]:
     curves.save(run.out / "curves" / name)
     return ({"task": name, "meta": curves.meta, "base": curves.base, "summary": curves.summary(),
              "verdicts": curves.verdicts(), "n_train": train_task.n_examples, "n_heldout": heldout.n_examples,
-             "n_rank": ranked.n_examples,
+             "n_rank": ranked.n_examples, "n_rank_exact": rankings["head"]["exact"].n_examples,
              "n_neuron_shortlist": len(rankings["neuron"]["exact"].sites) if "neuron" in rankings else 0,
              "clean_prompt": model.tokenizer.decode(train_task.clean[0, 1:]),
              "answer": model.tokenizer.decode(train_task.answer[:1]),

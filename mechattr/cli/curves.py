@@ -41,6 +41,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--full-lr", type=float, default=plan.full_lr, help="learning rate of full fine-tuning")
     c.add_argument("--batch-size", type=int, default=plan.config.batch_size, help="examples per step")
     c.add_argument("--rank-examples", type=int, default=32, help="training examples the sites are ranked on")
+    c.add_argument("--exact-examples", type=int, default=None,
+                   help="of those, the first N that exact patching ranks on (default: all); AtP ranks on all, so "
+                        "random sites, drawn from its ranking, do not change with N")
     c.add_argument("--heldout-examples", type=int, default=None, help="held-out examples scored (default: all)")
     c.add_argument("--shortlist", type=int, default=None,
                    help="neurons ranked exactly: AtP's top N (default: 2 x the largest neuron budget); a part run "
@@ -54,7 +57,8 @@ def _plan(args: argparse.Namespace):
     from mechattr.finetune.budgets import BudgetPlan
     from mechattr.finetune.methods import BASELINES
 
-    for option in ("--draws", "--steps", "--batch-size", "--rank-examples", "--heldout-examples", "--shortlist"):
+    for option in ("--draws", "--steps", "--batch-size", "--rank-examples", "--exact-examples",
+                   "--heldout-examples", "--shortlist"):
         positive(option, getattr(args, option[2:].replace("-", "_")))
     for name in names(args.baselines):
         check_choice("baseline", name, BASELINES)
@@ -94,11 +98,13 @@ def cmd_curves(args: argparse.Namespace) -> None:
     if args.heldout_examples is not None:
         heldout = heldout.subset(slice(0, args.heldout_examples))
     ranked = train_task.subset(slice(0, args.rank_examples))
+    exact = "" if args.exact_examples is None or args.exact_examples >= ranked.n_examples else \
+        f" (exact patching on the first {args.exact_examples})"
     print(f"ranking heads{' and neurons' if 'neuron' in units else ''} on {ranked.n_examples} of "
-          f"{train_task.n_examples} training examples; training {' and '.join(units)} budgets; scoring on "
+          f"{train_task.n_examples} training examples{exact}; training {' and '.join(units)} budgets; scoring on "
           f"{heldout.n_examples} held-out examples")
     rankings, neurons = rank_units(base, ranked, plan.heads, "neuron" in units, shortlist=args.shortlist,
-                                   progress=True)
+                                   exact_examples=args.exact_examples, progress=True)
     if "neuron" in rankings:  # what a later part at fewer budgets passes to rank the same neurons
         print(f"neurons ranked exactly: AtP's top {len(rankings['neuron']['exact'].sites)} (--shortlist)")
     rankings = {kind: rankings[kind] for kind in units}

@@ -1,7 +1,7 @@
 """Rankings for budget curves: every head by exact patching and by AtP, every MLP neuron by AtP with AtP's
 top neurons patched exactly, and the neuron budgets whose parameter counts match the head budgets'.
 
-    rankings, neurons = rank_units(model, train.subset(slice(0, 32)), heads=(1, 4))
+    rankings, neurons = rank_units(model, train.subset(slice(0, 32)), heads=(1, 4), exact_examples=8)
     curves = budget_curves(load, train, heldout, rankings, BudgetPlan(heads=(1, 4), neurons=neurons))
 """
 
@@ -27,7 +27,7 @@ def matched_neurons(model: Any, heads: Effects, neurons: Effects, budgets: Seque
 
 
 def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = True, *,
-               shortlist: int | None = None, progress: bool = False
+               shortlist: int | None = None, exact_examples: int | None = None, progress: bool = False
                ) -> tuple[dict[str, dict[str, Effects]], tuple[int, ...]]:
     """The `rankings` of `budget_curves`, measured on `task`, and the neuron budgets matched to the head
     budgets `heads` (() without `neurons`).
@@ -37,9 +37,18 @@ def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = Tru
     2 x the largest neuron budget) are patched exactly, and the exact neuron ranking chooses among them. A
     part run at fewer budgets than an earlier one (`BudgetCurves.combine`) must give the earlier part's
     shortlist, or its exact ranking may choose other neurons.
+
+    Exact patching costs a forward per unit and example, AtP a few forwards per example in all:
+    `exact_examples` patches only the first that many examples of `task` (None: all of them), while AtP
+    ranks on every example, so random sites, drawn from AtP's ranking, are the same either way.
     """
-    z, runs = grid(model, "z"), unpatched(model, task)  # one pair of runs for every ranking
-    rankings = {"head": {"exact": patch(runs, z, progress=progress), "atp": attribute(runs, z, "atp")}}
+    if exact_examples is not None and exact_examples < 1:
+        raise ValueError(f"rank_units: exact_examples is a positive number of examples or None (all), "
+                         f"got {exact_examples}")
+    z, runs = grid(model, "z"), unpatched(model, task)  # AtP's runs, and exact patching's unless fewer
+    exact_runs = runs if exact_examples is None or exact_examples >= task.n_examples else \
+        unpatched(model, task.subset(slice(0, exact_examples)))
+    rankings = {"head": {"exact": patch(exact_runs, z, progress=progress), "atp": attribute(runs, z, "atp")}}
     if not neurons:
         return rankings, ()
     estimate = attribute(runs, grid(model, "neuron"), "atp")
@@ -49,5 +58,5 @@ def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = Tru
         raise ValueError(f"rank_units: a shortlist of {size} neurons cannot rank the largest neuron budget, "
                          f"{max(budgets)} (matched to {max(heads)} heads); give at least {max(budgets)}")
     chosen = [site for site, _ in estimate.top(size)]
-    rankings["neuron"] = {"exact": patch(runs, chosen, progress=progress), "atp": estimate}
+    rankings["neuron"] = {"exact": patch(exact_runs, chosen, progress=progress), "atp": estimate}
     return rankings, budgets
