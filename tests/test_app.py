@@ -210,6 +210,16 @@ def test_report_says_what_the_full_job_adds(quick_run, tmp_path):
            "asia, sachs and patches every layer." in report
     assert "> Budget curves at 1 head(s) (no neuron budgets)" in report
     assert "sites ranked by AtP on 2 training examples and by exact patching on those;" in report
+    # Both networks at every other layer, heads ranked exactly on one of the two ranking examples.
+    other = {**config, "networks": ["asia", "sachs"], "component_layers": None, "component_stride": 2,
+             "curve_exact_examples": 1}
+    report = render(tmp_path / "copy", {**metrics, "config": other})
+    assert "; `mechattr run --full` patches every layer.\n" in report
+    assert "against random sites, heads ranked exactly on 1 of the 2 ranking examples; `mechattr run --full` runs " \
+           "every budget (1-16 heads and matched neurons) on every task, against every baseline, ranked exactly on " \
+           "every ranking example." in report
+    views = {**other, "component_stride": 1}
+    assert "component view at layers" not in render(tmp_path / "copy", {**metrics, "config": views})
     fewer = {**metrics["curves"][CURVE_TASKS[0]], "n_rank_exact": 1}
     report = render(tmp_path / "copy", {**metrics, "config": config, "curves": {CURVE_TASKS[0]: fewer}})
     assert "sites ranked by AtP on 2 training examples and by exact patching on the first 1;" in report

@@ -323,16 +323,23 @@ def render(out: Path, metrics: dict[str, Any]) -> str:
                   "runs, not what the model does.", ""]
     else:
         if _differs(config, FULL_CURVES):
+            exact = config["curve_exact_examples"]
+            fewer = exact is not None and exact < config["curve_rank_examples"]
             lines += [f"> Budget curves at {', '.join(map(str, config['curve_heads']))} head(s)"
                       + ("" if config["curve_neurons"] else " (no neuron budgets)")
                       + f" on {', '.join(config['curve_tasks'])}, against {', '.join(config['curve_baselines'])} "
-                      "sites; `mechattr run --full` runs every budget (1-16 heads and matched neurons) on every "
-                      "task, against every baseline.", ""]
-        if _differs(config, FULL_VIEWS):
+                      "sites" + (f", heads ranked exactly on {exact} of the {config['curve_rank_examples']} ranking "
+                                 "examples" if fewer else "")
+                      + "; `mechattr run --full` runs every budget (1-16 heads and matched neurons) on every task, "
+                      "against every baseline" + (", ranked exactly on every ranking example" if fewer else "")
+                      + ".", ""]
+        missing = [n for n in FULL_VIEWS["networks"] if n not in config["networks"]]
+        adds = ([f"adds {', '.join(missing)}"] if missing else []) + \
+            (["patches every layer"] if config["component_layers"] is not None or config["component_stride"] != 1
+             else [])
+        if adds:
             lines += [f"> The input-level table on {', '.join(config['networks'])}; the component view at layers "
-                      f"{_layers(metrics)}; `mechattr run --full` adds "
-                      f"{', '.join(n for n in FULL_VIEWS['networks'] if n not in config['networks']) or 'no network'}"
-                      " and patches every layer.", ""]
+                      f"{_layers(metrics)}; `mechattr run --full` {' and '.join(adds)}.", ""]
     shown = {k: config[k] for k in ("networks", "trials", "data_tokens", "component_network", "top_k", "steps",
                                     "seeds", "lr", "seed", "curve_tasks", "curve_heads", "curve_seeds")}
     lines += [f"Configuration: `{json.dumps(shown)}` (all of it in `config.json`); {metrics['threads']} torch "
