@@ -18,8 +18,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     size = r.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a small configuration: minutes, for a smoke test")
     size.add_argument("--full", action="store_true", help="every budget curve (1-16 heads and matched neurons, "
-                                                          "both generated tasks, every baseline), the sachs table "
-                                                          "and every layer of the knowledge view (hours on a CPU)")
+                                                          "both generated tasks, every baseline, heads ranked "
+                                                          "exactly on every ranking example), the sachs table and "
+                                                          "every layer of the knowledge view (hours on a CPU)")
     r.set_defaults(run=cmd_run)
 
 
