@@ -60,8 +60,8 @@ class RunConfig:
     curve_steps: int = 5  # optimizer steps of every curve run
     curve_rank_examples: int = 32  # training examples the sites are ranked on (AtP)
     # The first of those that exact patching ranks on (None: all; `full`). Exact patching costs a forward
-    # per head and example: on 8 it is a quarter of the default job's ranking time and chooses the same
-    # head as on 32 (L6 H0, docs/budget_curves.md); random sites come from AtP's ranking either way.
+    # per head and example: on 8 it takes 0.27-0.30 of the time on 32 and chooses the same head, L6 H0
+    # (benchmarks/bench_ranking.py); random sites come from AtP's ranking either way.
     curve_exact_examples: int | None = 8
     curve_heldout: int | None = None  # held-out examples scored (None: the whole held-out split)
     curve_others: int = 100  # most examples scored of each other task (collateral accuracy; IOI has 64)
