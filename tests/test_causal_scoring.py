@@ -1,8 +1,12 @@
+import warnings
+
 import pytest
 import torch
 
 from mechattr import causal
+from mechattr.causal import scoring
 from mechattr.causal.prompts import context, question
+from mechattr.forward import FastPathWarning
 
 ASIA = {"asia": "visit to Asia", "tub": "tuberculosis", "smoke": "smoking", "lung": "lung cancer",
         "bronc": "bronchitis", "either": "tuberculosis or lung cancer", "xray": "positive X-ray",
@@ -43,8 +47,8 @@ def test_select_top_k_and_threshold():
 
 @pytest.mark.slow
 def test_shared_prefix_scores_match_full_forwards(smollm2):
-    """Scores reusing the context's keys and values equal log-odds from whole-prompt runs, one question per
-    batch or several of different lengths padded together, and a short attribution run on SmolLM2 keeps
+    """Scores reusing the context's keys and values equal log-odds from whole-prompt runs, with stems and
+    endings packed in rows or each question in its own row, and a short attribution run on SmolLM2 keeps
     its invariants."""
     problem = causal.load("cancer", n_samples=100)
     cond = causal.conditions(problem, seed=0)["S1"]
@@ -59,10 +63,19 @@ def test_shared_prefix_scores_match_full_forwards(smollm2):
                                 smollm2.to_tokens(ending, prepend_bos=False)], 1)
             logits = smollm2(tokens)[0, -1]
             expected.append(float(logits[yes] - logits[no]))
-    for batch_size in (1, 5):
-        scores = causal.score_questions(smollm2, ctx, asked, batch_size=batch_size)
-        assert scores.tolist() == pytest.approx(expected, abs=1e-3)
+    scoring._PACKING.pop(smollm2, None)  # prove packing afresh: it must hold on SmolLM2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathWarning)
+        for batch_size in (1, 5):  # one question per row; then each stem with its three endings in one row
+            scores = causal.score_questions(smollm2, ctx, asked, batch_size=batch_size)
+            assert scores.tolist() == pytest.approx(expected, abs=1e-3)
+    assert scoring._PACKING[smollm2] is None
     assert torch.allclose(causal.score_questions(smollm2, ctx, asked, batch_size=8), scores, atol=1e-4)
+    scoring._PACKING[smollm2] = "refused for this test"  # each question in its own row
+    try:
+        assert causal.score_questions(smollm2, ctx, asked, batch_size=5).tolist() == pytest.approx(expected, abs=1e-3)
+    finally:
+        scoring._PACKING[smollm2] = None
 
     keep = ["Smoker", "Cancer", "Dyspnoea"]  # 6 ordered pairs keep the run short
     small = causal.Problem("small", problem.graph.subgraph(keep).copy(), problem.data[keep],

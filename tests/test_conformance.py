@@ -4,14 +4,17 @@ matrix is `families.support_table()`, and each claim in it is asserted here (a c
 fail, so the table is updated when a family starts to work)."""
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import mechattr
 from mechattr import families
+from mechattr.causal import scoring
 from mechattr.edges import attribute_edges, patch_edges
-from mechattr.forward import Forward, fast_path_verdict
+from mechattr.forward import FastPathWarning, Forward, fast_path_verdict
 from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Noise
 from mechattr.relevance import RelevanceError
@@ -107,6 +110,26 @@ def test_relp_equals_hand_written_relevance_rules_or_is_refused(family, task):
     assert max(errors.values()) <= ATOL, f"{name}: relp errors {errors}"
     atp = tf.atp_reference(model, task, sites, "corrupt")
     assert (reference - atp).abs().max() > 0.1  # the rules change the estimate on every family
+
+
+def test_question_logits_equal_whole_prompts(family):
+    """Questions on a shared context, stems packed with their endings where the family allows it (and a
+    warning where it does not), give the logits of each whole prompt run alone."""
+    name, _, model = family
+    g = torch.Generator().manual_seed(1)
+    byte = lambda n: torch.randint(0, 256, (n,), generator=g)  # noqa: E731
+    context = byte(12)[None]
+    stems = [byte(3), byte(5)]
+    asked = [(stems[i % 2], byte(1 + i % 3)) for i in range(7)]  # endings of 1-3 tokens, two stems
+    scoring._PACKING.pop(model, None)  # prove packing afresh on this family
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = scoring.question_logits(model, context, asked, batch_size=3)
+    with torch.no_grad():
+        expected = torch.cat([model(torch.cat([context[0], s, e])[None])[:, -1] for s, e in asked])
+    assert _max_error(got, expected) <= ATOL * max(1.0, float(expected.abs().max())), name
+    refused = [w for w in caught if issubclass(w.category, FastPathWarning)]
+    assert (scoring._PACKING[model] is None) == (not refused), name
 
 
 @pytest.mark.parametrize("receiver", [Site("q", 1, head=0), Site("k", 1, head=0), Site("v", 1, head=0),

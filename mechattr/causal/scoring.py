@@ -3,7 +3,8 @@
 A scored model is a `TransformerBridge` (from `mechattr.load_model`): the score of the ordered pair
 (A, B) is log p(" Yes") - log p(" No") for the token after `context + question(A, B)`. A question is a
 stem ("Question: Does A cause") and an ending (" B? Answer:"); the context runs once and the questions
-run in batches on its keys and values, so each pair costs only its question's tokens.
+run in batches on its keys and values, each stem once with its endings packed after it, so each pair costs
+about its ending's tokens.
 
 A text model is any `predict(prompt) -> str`. Its answer is parsed by `parse_edges`, deterministically:
 
@@ -18,64 +19,169 @@ A text model is any `predict(prompt) -> str`. Its answer is parsed by `parse_edg
 
 import copy
 import re
+import warnings
+import weakref
 from typing import Any, Sequence
 
 import networkx as nx
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechattr.forward import attention_reads_cache
+from mechattr.forward import TOLERANCE, FastPathWarning, attention_reads_cache, final_logits
+from mechattr.models import model_name
+from mechattr.sites import hook_name
 from mechattr.tasks import single_token
 
-__all__ = ["YES", "NO", "score_questions", "parse_edges", "predicted_graph"]
+__all__ = ["YES", "NO", "score_questions", "question_logits", "parse_edges", "predicted_graph"]
 
 YES, NO = " Yes", " No"
 
+# Per model: None when packed questions reproduced whole-prompt logits, else what differed.
+_PACKING: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
 
-def _last_logits(model: Any, prefix: Tensor, cache: Any | None, endings: list[Tensor]) -> Float[Tensor, "n vocab"]:
-    """Next-token logits after prefix + ending, for each ending. With a cache (holding exactly `prefix`)
-    only the endings run; logits are computed only at the positions some row ends at."""
-    last = torch.tensor([len(e) - 1 for e in endings])
+
+def _padded_logits(model: Any, prefix: Tensor, cache: Any | None, asked: list[Tensor]) -> Float[Tensor, "n vocab"]:
+    """Next-token logits after prefix + each of `asked`, one row each. With a cache (holding exactly
+    `prefix`) only the questions run; logits are computed only at the positions some row ends at."""
+    last = torch.tensor([len(e) - 1 for e in asked])
     # Right padding: causal attention keeps every real position blind to the padding after it.
-    batch = torch.zeros(len(endings), int(last.max()) + 1, dtype=torch.long)
-    for i, e in enumerate(endings):
+    batch = torch.zeros(len(asked), int(last.max()) + 1, dtype=torch.long)
+    for i, e in enumerate(asked):
         batch[i, :len(e)] = e
     if cache is None:
-        batch, last = torch.cat([prefix.expand(len(endings), -1), batch], 1), last + prefix.shape[1]
+        batch, last = torch.cat([prefix.expand(len(asked), -1), batch], 1), last + prefix.shape[1]
     else:
         cache = copy.deepcopy(cache)  # the model extends the cache it is given
-        cache.batch_repeat_interleave(len(endings))
+        cache.batch_repeat_interleave(len(asked))
     keep = last.unique()  # sorted
     logits = model(batch, cache=cache, logits_to_keep=keep)  # (B, len(keep), vocab)
-    return logits[torch.arange(len(endings)), torch.searchsorted(keep, last)]
+    return logits[torch.arange(len(asked)), torch.searchsorted(keep, last)]
+
+
+def _segments(asked: Sequence[tuple[Tensor, Tensor]], most: int) -> list[tuple[Tensor, list[int]]]:
+    """(stem, indices of its questions) with at most `most` questions each, stems in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (stem, _) in enumerate(asked):
+        groups.setdefault(tuple(stem.tolist()), []).append(i)
+    return [(asked[ids[0]][0], ids[start:start + most]) for ids in groups.values()
+            for start in range(0, len(ids), most)]
+
+
+def _packed_logits(model: Any, n_context: int, cache: Any, asked: Sequence[tuple[Tensor, Tensor]],
+                   segments: list[tuple[Tensor, list[int]]]) -> Float[Tensor, "n vocab"]:
+    """Next-token logits of the questions of `segments`, one row per segment: its stem once, then each of
+    its endings, each ending attending to the context (in `cache`), the stem and itself only, at the
+    positions it has in its own prompt. Result rows: the segments' questions in order."""
+    rows = [torch.cat([stem] + [asked[i][1] for i in ids]) for stem, ids in segments]
+    n = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), n, dtype=torch.long)
+    positions = torch.full((len(rows), n), n_context)
+    # Keys: the context, then the row. Padding after a row's last question sees the context only.
+    sees = torch.zeros(len(rows), n, n_context + n, dtype=torch.bool)
+    sees[..., :n_context] = True
+    ends = []
+    for r, ((stem, ids), row) in enumerate(zip(segments, rows)):
+        tokens[r, :len(row)] = row
+        s = len(stem)
+        positions[r, :s] = torch.arange(s) + n_context
+        sees[r, :s, n_context:n_context + s] = torch.ones(s, s, dtype=torch.bool).tril()
+        start = s
+        for i in ids:
+            e = len(asked[i][1])
+            positions[r, start:start + e] = torch.arange(s, s + e) + n_context
+            sees[r, start:start + e, n_context:n_context + s] = True
+            sees[r, start:start + e, n_context + start:n_context + start + e] = torch.ones(e, e, dtype=torch.bool).tril()
+            start += e
+            ends.append((r, start - 1))
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
+    cache = copy.deepcopy(cache)  # the model extends the cache it is given
+    cache.batch_repeat_interleave(len(rows))
+    # The rows end their questions at different positions: unembed those only, from the last block's output.
+    kept = {}
+
+    def keep(resid, hook):
+        kept["resid"] = resid
+
+    row, end = torch.tensor(ends).T
+    with model.hooks(fwd_hooks=[(hook_name("resid_post", len(model.blocks) - 1), keep)]):
+        model(tokens, cache=cache, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    return final_logits(model, kept["resid"][row, end][:, None])[:, 0]
+
+
+def _prove_packing(model: Any, context: Tensor, cache: Any, asked: Sequence[tuple[Tensor, Tensor]]) -> str | None:
+    """None if packed rows reproduce whole-prompt logits for two questions of one stem (or the first two
+    questions), else what differed."""
+    _, ids = max(_segments(asked, len(asked)), key=lambda segment: len(segment[1]))
+    probe = [asked[i] for i in (ids[:2] if len(ids) > 1 else range(min(2, len(asked))))]
+    try:
+        got = _packed_logits(model, context.shape[1], cache, probe, _segments(probe, 2))
+        expected = torch.cat([model(torch.cat([context[0], s, e])[None])[:, -1] for s, e in probe])
+    except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
+        return f"fails to run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    tolerance = max(1.0, float(expected.abs().max())) * TOLERANCE.get(next(model.parameters()).dtype, 1e-5)
+    error = float((got - expected).abs().max())
+    if not error <= tolerance:
+        return f"misses whole-prompt logits by {error:.3g} (tolerance {tolerance:.2g})"
+    return None
+
+
+def question_logits(model: Any, context: Int[Tensor, "1 ctx"], asked: Sequence[tuple[Tensor, Tensor]],
+                    batch_size: int = 64) -> Float[Tensor, "question vocab"]:
+    """Next-token logits after context + stem + ending, per (stem tokens, ending tokens).
+
+    The context runs once. Where the model keeps a cache, the questions run on its keys and values, each
+    stem once with its endings packed after it in one row (an attention mask keeps every ending blind to
+    the others; positions are those of its own prompt), at most `batch_size` questions per call. Packing
+    proves itself once per model against whole prompts; where it fails, each question runs in its own row
+    on the cache, and a `FastPathWarning` says so. Without a cache every question reruns its whole prompt.
+    """
+    out = torch.empty(len(asked), model.cfg.d_vocab)
+    with torch.no_grad(), attention_reads_cache(model):
+        _, cache = model(context, return_type="logits_and_cache", logits_to_keep=1)
+        if cache is None or cache.get_seq_length() != context.shape[1]:
+            cache = None  # the model keeps no usable cache: every question reruns its whole prompt
+        if cache is not None and model not in _PACKING:
+            _PACKING[model] = _prove_packing(model, context, cache, asked)
+            if _PACKING[model] is not None:
+                warnings.warn(f"model {model_name(model)}: packed question scoring {_PACKING[model]}; mechattr "
+                              "runs each question in its own row instead", FastPathWarning, stacklevel=2)
+        if cache is not None and _PACKING[model] is None:
+            # Whole segments per call, fewest rows first: a row costs a copy of the context's keys and values.
+            segments, start = _segments(asked, batch_size), 0
+            while start < len(segments):
+                stop = start + 1
+                while stop < len(segments) and sum(len(s[1]) for s in segments[start:stop + 1]) <= batch_size:
+                    stop += 1
+                chunk = segments[start:stop]
+                out[[i for _, ids in chunk for i in ids]] = _packed_logits(model, context.shape[1], cache, asked,
+                                                                           chunk).float()
+                start = stop
+            return out
+        whole = [torch.cat([stem, ending]) for stem, ending in asked]
+        # One call per batch, not one per question; batches of questions of similar length pad least.
+        order = sorted(range(len(whole)), key=lambda i: len(whole[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            out[chunk] = _padded_logits(model, context, cache, [whole[i] for i in chunk]).float()
+    return out
 
 
 def score_questions(model: Any, context: str, questions: Sequence[tuple[str, str]],
-                    batch_size: int = 32) -> Float[Tensor, " question"]:
+                    batch_size: int = 64) -> Float[Tensor, " question"]:
     """log p(" Yes") - log p(" No") for the token after context + stem + ending, per (stem, ending).
 
-    The context runs once; the questions (stem and ending) run on its keys and values, `batch_size` at a
-    time. Deterministic: no sampling, and the result does not depend on `batch_size` beyond float rounding.
+    The context runs once; the questions run on its keys and values, each stem once (see
+    `question_logits`). Deterministic: no sampling, and the result does not depend on `batch_size`
+    beyond float rounding.
     """
     yes, no = single_token(model, YES), single_token(model, NO)
-    ctx = model.to_tokens(context)  # (1, C), with BOS
     tokens = lambda text: model.to_tokens(text, prepend_bos=False)[0]  # noqa: E731
     stems = {stem: tokens(stem) for stem in dict.fromkeys(stem for stem, _ in questions)}
-    asked = [torch.cat([stems[stem], tokens(ending)]) for stem, ending in questions]
-    scores = torch.empty(len(questions))
-    with torch.no_grad(), attention_reads_cache(model):
-        _, cache = model(ctx, return_type="logits_and_cache", logits_to_keep=1)
-        if cache is None or cache.get_seq_length() != ctx.shape[1]:
-            cache = None  # the model keeps no usable cache: every question reruns its whole prompt
-        # One call per batch, not one per stem: a model call costs far more than a stem's few tokens. Batches
-        # of questions of similar length pad least.
-        order = sorted(range(len(asked)), key=lambda i: len(asked[i]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            final = _last_logits(model, ctx, cache, [asked[i] for i in chunk])
-            scores[chunk] = (final[:, yes] - final[:, no]).float()
-    return scores
+    asked = [(stems[stem], tokens(ending)) for stem, ending in questions]
+    logits = question_logits(model, model.to_tokens(context), asked, batch_size)  # context with BOS
+    return logits[:, yes] - logits[:, no]
 
 
 _CONNECTIVE = re.compile(r"\s*(?:-+>|=+>|→|⟶|\bcauses\b)\s*", re.IGNORECASE)

@@ -140,7 +140,7 @@ def _trial_rows(problem: Problem, trial: int, conds: dict[str, Condition], answe
 
 def attribution_table(model_or_predict: Any, problem: Problem, trials: int = 3, seed: int = 0,
                       max_tokens: int | None = 512, threshold: float | None = None,
-                      count_tokens: Callable[[str], int] | None = None, batch_size: int = 16) -> AttributionTable:
+                      count_tokens: Callable[[str], int] | None = None, batch_size: int = 64) -> AttributionTable:
     """Run the six settings `trials` times and summarise them.
 
     `model_or_predict` is a TransformerBridge (each ordered pair scored by Yes/No log-odds; the predicted
