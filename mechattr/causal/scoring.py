@@ -68,30 +68,44 @@ def _segments(asked: Sequence[tuple[Tensor, Tensor]], most: int) -> list[tuple[T
             for start in range(0, len(ids), most)]
 
 
-def _packed_logits(model: Any, n_context: int, cache: Any, asked: Sequence[tuple[Tensor, Tensor]],
+def _calls(segments: list[tuple[Tensor, list[int]]], most: int) -> list[list[tuple[Tensor, list[int]]]]:
+    """`segments` grouped into calls of whole segments and at most `most` questions (a segment alone may
+    reach it): fewer, fuller rows, since each row costs a copy of the context's keys and values."""
+    calls: list[list[tuple[Tensor, list[int]]]] = [[]]
+    count = 0
+    for segment in segments:
+        if calls[-1] and count + len(segment[1]) > most:
+            calls.append([])
+            count = 0
+        calls[-1].append(segment)
+        count += len(segment[1])
+    return calls
+
+
+def _packed_logits(model: Any, context: Tensor, cache: Any, asked: Sequence[tuple[Tensor, Tensor]],
                    segments: list[tuple[Tensor, list[int]]]) -> Float[Tensor, "n vocab"]:
     """Next-token logits of the questions of `segments`, one row per segment: its stem once, then each of
     its endings, each ending attending to the context (in `cache`), the stem and itself only, at the
     positions it has in its own prompt. Result rows: the segments' questions in order."""
     rows = [torch.cat([stem] + [asked[i][1] for i in ids]) for stem, ids in segments]
-    n = max(len(r) for r in rows)
+    c, n = context.shape[1], max(len(r) for r in rows)
     tokens = torch.zeros(len(rows), n, dtype=torch.long)
-    positions = torch.full((len(rows), n), n_context)
+    positions = torch.full((len(rows), n), c)
     # Keys: the context, then the row. Padding after a row's last question sees the context only.
-    sees = torch.zeros(len(rows), n, n_context + n, dtype=torch.bool)
-    sees[..., :n_context] = True
+    sees = torch.zeros(len(rows), n, c + n, dtype=torch.bool)
+    sees[..., :c] = True
     ends = []
     for r, ((stem, ids), row) in enumerate(zip(segments, rows)):
-        tokens[r, :len(row)] = row
+        tokens[r, :len(row)] = row.cpu()
         s = len(stem)
-        positions[r, :s] = torch.arange(s) + n_context
-        sees[r, :s, n_context:n_context + s] = torch.ones(s, s, dtype=torch.bool).tril()
+        positions[r, :s] = torch.arange(c, c + s)
+        sees[r, :s, c:c + s] = torch.ones(s, s, dtype=torch.bool).tril()
         start = s
         for i in ids:
             e = len(asked[i][1])
-            positions[r, start:start + e] = torch.arange(s, s + e) + n_context
-            sees[r, start:start + e, n_context:n_context + s] = True
-            sees[r, start:start + e, n_context + start:n_context + start + e] = torch.ones(e, e, dtype=torch.bool).tril()
+            positions[r, start:start + e] = torch.arange(c + s, c + s + e)
+            sees[r, start:start + e, c:c + s] = True
+            sees[r, start:start + e, c + start:c + start + e] = torch.ones(e, e, dtype=torch.bool).tril()
             start += e
             ends.append((r, start - 1))
     dtype = next(model.parameters()).dtype
@@ -104,9 +118,11 @@ def _packed_logits(model: Any, n_context: int, cache: Any, asked: Sequence[tuple
     def keep(resid, hook):
         kept["resid"] = resid
 
-    row, end = torch.tensor(ends).T
+    device = context.device
     with model.hooks(fwd_hooks=[(hook_name("resid_post", len(model.blocks) - 1), keep)]):
-        model(tokens, cache=cache, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        model(tokens.to(device), cache=cache, attention_mask=mask.to(device), position_ids=positions.to(device),
+              logits_to_keep=1)
+    row, end = torch.tensor(ends, device=device).T
     return final_logits(model, kept["resid"][row, end][:, None])[:, 0]
 
 
@@ -116,7 +132,7 @@ def _prove_packing(model: Any, context: Tensor, cache: Any, asked: Sequence[tupl
     _, ids = max(_segments(asked, len(asked)), key=lambda segment: len(segment[1]))
     probe = [asked[i] for i in (ids[:2] if len(ids) > 1 else range(min(2, len(asked))))]
     try:
-        got = _packed_logits(model, context.shape[1], cache, probe, _segments(probe, 2))
+        got = _packed_logits(model, context, cache, probe, _segments(probe, 2))
         expected = torch.cat([model(torch.cat([context[0], s, e])[None])[:, -1] for s, e in probe])
     except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
         return f"fails to run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -129,7 +145,7 @@ def _prove_packing(model: Any, context: Tensor, cache: Any, asked: Sequence[tupl
 
 def question_logits(model: Any, context: Int[Tensor, "1 ctx"], asked: Sequence[tuple[Tensor, Tensor]],
                     batch_size: int = 64) -> Float[Tensor, "question vocab"]:
-    """Next-token logits after context + stem + ending, per (stem tokens, ending tokens).
+    """Next-token logits (float32) after context + stem + ending, per (stem tokens, ending tokens).
 
     The context runs once. Where the model keeps a cache, the questions run on its keys and values, each
     stem once with its endings packed after it in one row (an attention mask keeps every ending blind to
@@ -137,7 +153,6 @@ def question_logits(model: Any, context: Int[Tensor, "1 ctx"], asked: Sequence[t
     proves itself once per model against whole prompts; where it fails, each question runs in its own row
     on the cache, and a `FastPathWarning` says so. Without a cache every question reruns its whole prompt.
     """
-    out = torch.empty(len(asked), model.cfg.d_vocab)
     with torch.no_grad(), attention_reads_cache(model):
         _, cache = model(context, return_type="logits_and_cache", logits_to_keep=1)
         if cache is None or cache.get_seq_length() != context.shape[1]:
@@ -148,24 +163,17 @@ def question_logits(model: Any, context: Int[Tensor, "1 ctx"], asked: Sequence[t
                 warnings.warn(f"model {model_name(model)}: packed question scoring {_PACKING[model]}; mechattr "
                               "runs each question in its own row instead", FastPathWarning, stacklevel=2)
         if cache is not None and _PACKING[model] is None:
-            # Whole segments per call, fewest rows first: a row costs a copy of the context's keys and values.
-            segments, start = _segments(asked, batch_size), 0
-            while start < len(segments):
-                stop = start + 1
-                while stop < len(segments) and sum(len(s[1]) for s in segments[start:stop + 1]) <= batch_size:
-                    stop += 1
-                chunk = segments[start:stop]
-                out[[i for _, ids in chunk for i in ids]] = _packed_logits(model, context.shape[1], cache, asked,
-                                                                           chunk).float()
-                start = stop
-            return out
-        whole = [torch.cat([stem, ending]) for stem, ending in asked]
-        # One call per batch, not one per question; batches of questions of similar length pad least.
-        order = sorted(range(len(whole)), key=lambda i: len(whole[i]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            out[chunk] = _padded_logits(model, context, cache, [whole[i] for i in chunk]).float()
-    return out
+            calls = _calls(_segments(asked, batch_size), batch_size)
+            parts = [_packed_logits(model, context, cache, asked, call) for call in calls]
+            order = [i for call in calls for _, ids in call for i in ids]
+        else:
+            whole = [torch.cat([stem, ending]) for stem, ending in asked]
+            # One call per batch, not one per question; batches of questions of similar length pad least.
+            order = sorted(range(len(whole)), key=lambda i: len(whole[i]))
+            parts = [_padded_logits(model, context, cache, [whole[i] for i in order[start:start + batch_size]])
+                     for start in range(0, len(order), batch_size)]
+    logits = torch.cat(parts).float()
+    return logits[torch.tensor(order).argsort().to(logits.device)]
 
 
 def score_questions(model: Any, context: str, questions: Sequence[tuple[str, str]],
@@ -181,7 +189,7 @@ def score_questions(model: Any, context: str, questions: Sequence[tuple[str, str
     stems = {stem: tokens(stem) for stem in dict.fromkeys(stem for stem, _ in questions)}
     asked = [(stems[stem], tokens(ending)) for stem, ending in questions]
     logits = question_logits(model, model.to_tokens(context), asked, batch_size)  # context with BOS
-    return logits[:, yes] - logits[:, no]
+    return (logits[:, yes] - logits[:, no]).cpu()
 
 
 _CONNECTIVE = re.compile(r"\s*(?:-+>|=+>|→|⟶|\bcauses\b)\s*", re.IGNORECASE)
