@@ -71,6 +71,9 @@ def test_shared_prefix_scores_match_full_forwards(smollm2):
             assert scores.tolist() == pytest.approx(expected, abs=1e-3)
     assert scoring._PACKING[smollm2] is None
     assert torch.allclose(causal.score_questions(smollm2, ctx, asked, batch_size=8), scores, atol=1e-4)
+    assert causal.score_questions(smollm2, ctx, []).shape == (0,)
+    with pytest.raises(ValueError, match="no questions given"):
+        scoring.question_logits(smollm2, smollm2.to_tokens(ctx), [])
     scoring._PACKING[smollm2] = "refused for this test"  # each question in its own row
     try:
         assert causal.score_questions(smollm2, ctx, asked, batch_size=5).tolist() == pytest.approx(expected, abs=1e-3)

@@ -153,6 +153,8 @@ def question_logits(model: Any, context: Int[Tensor, "1 ctx"], asked: Sequence[t
     proves itself once per model against whole prompts; where it fails, each question runs in its own row
     on the cache, and a `FastPathWarning` says so. Without a cache every question reruns its whole prompt.
     """
+    if not asked:
+        raise ValueError("question_logits: no questions given (need one or more (stem, ending) token pairs)")
     with torch.no_grad(), attention_reads_cache(model):
         _, cache = model(context, return_type="logits_and_cache", logits_to_keep=1)
         if cache is None or cache.get_seq_length() != context.shape[1]:
@@ -185,6 +187,8 @@ def score_questions(model: Any, context: str, questions: Sequence[tuple[str, str
     beyond float rounding.
     """
     yes, no = single_token(model, YES), single_token(model, NO)
+    if not questions:
+        return torch.empty(0)
     tokens = lambda text: model.to_tokens(text, prepend_bos=False)[0]  # noqa: E731
     stems = {stem: tokens(stem) for stem in dict.fromkeys(stem for stem, _ in questions)}
     asked = [(stems[stem], tokens(ending)) for stem, ending in questions]
