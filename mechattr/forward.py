@@ -32,7 +32,7 @@ from mechattr.models import is_bridge, model_name
 from mechattr.sites import hook_name
 
 __all__ = ["Forward", "attention_reads_cache", "at_last", "last_logits", "final_logits", "fast_path_verdict",
-           "FastPathWarning", "TOLERANCE"]
+           "FastPathWarning", "TOLERANCE", "logit_tolerance"]
 
 # Names decoder layers give their key/value cache: transformers 5 `cache`, older code `past_key_values`,
 # GPT-NeoX, Bloom and Falcon `layer_past`.
@@ -276,6 +276,12 @@ def final_logits(model: Any, resid: Float[Tensor, "rows pos d_model"]) -> Float[
     return transform(logits) if callable(transform) else logits
 
 
+def logit_tolerance(model: Any, expected: Float[Tensor, "..."]) -> float:
+    """The largest |shortcut - full forward| logit error accepted on `model`: `TOLERANCE` of its weight
+    dtype, relative to the largest |expected| logit (at least 1)."""
+    return max(1.0, float(expected.abs().max())) * TOLERANCE.get(next(model.parameters()).dtype, 1e-5)
+
+
 def _new_cache() -> Any:
     from transformers import DynamicCache
 
@@ -294,7 +300,7 @@ def _prove(model: Any, tokens: Int[Tensor, "n pos"], last: Int[Tensor, " n"] | N
         expected, resid = probe._record({hook_name("resid_pre", layer) for layer in layers})
         starts = sorted({0, n_pos // 2, n_pos - 1}) if probe.reuses_prefix else [0]
         expected = expected.repeat(2, 1)  # (2 * n, vocab)
-        tolerance = max(1.0, float(expected.abs().max())) * TOLERANCE.get(next(model.parameters()).dtype, 1e-5)
+        tolerance = logit_tolerance(model, expected)
         for layer in layers:
             for start in starts:
                 with torch.no_grad():

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechattr.forward import TOLERANCE, FastPathWarning, attention_reads_cache, final_logits
+from mechattr.forward import FastPathWarning, attention_reads_cache, final_logits, logit_tolerance
 from mechattr.models import model_name
 from mechattr.sites import hook_name
 from mechattr.tasks import single_token
@@ -136,7 +136,7 @@ def _prove_packing(model: Any, context: Tensor, cache: Any, asked: Sequence[tupl
         expected = torch.cat([model(torch.cat([context[0], s, e])[None])[:, -1] for s, e in probe])
     except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
         return f"fails to run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    tolerance = max(1.0, float(expected.abs().max())) * TOLERANCE.get(next(model.parameters()).dtype, 1e-5)
+    tolerance = logit_tolerance(model, expected)
     error = float((got - expected).abs().max())
     if not error <= tolerance:
         return f"misses whole-prompt logits by {error:.3g} (tolerance {tolerance:.2g})"

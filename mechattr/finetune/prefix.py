@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechattr.forward import TOLERANCE, FastPathWarning, Forward, at_last, final_logits, last_logits
+from mechattr.forward import FastPathWarning, Forward, at_last, final_logits, last_logits, logit_tolerance
 from mechattr.models import is_bridge, model_name
 from mechattr.sites import hook_name
 
@@ -199,8 +199,7 @@ class Prefix:
                 got = self.logits(model, layer, rows).float()
             except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
                 return f"from block {layer}, the resumed forward fails to run: {type(error).__name__}: {error}"
-        dtype = next(model.parameters()).dtype
-        tolerance = max(1.0, float(expected.abs().max())) * TOLERANCE.get(dtype, 1e-5)
+        tolerance = logit_tolerance(model, expected)
         error = float((got - expected).abs().max())
         if not error <= tolerance:
             return (f"from block {layer}, the base model's residual misses the model's own last-position logits by "
