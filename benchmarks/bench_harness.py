@@ -6,6 +6,11 @@ model's residual entering the lowest trained block (`Prefix`, computed once per 
 runs of a comparison), unembedding only the positions read. Both on the same trained heads, in one
 process, interleaved over `--repeats`.
 
+The second table times the resumed held-out scoring itself with each row run whole from the block
+(`Prefix.logits(share=False)`, as before) and with the prompts' common beginnings run once per distinct
+beginning (`share=True`, what scoring does now): greater_than's prompts share their first 9 tokens in 10
+patterns.
+
 The last table asks whether runs of one budget would gain from sharing a batch (several runs' rows in
 one forward): it times the resumed blocks on k x B rows against k forwards of B rows. On a CPU a
 forward's cost grows with its rows, so the ratio is the most stacking could save.
@@ -41,6 +46,16 @@ def old_scores(model, task, batch=32):
     return metric, (last.gather(-1, task.answer[:, None]) > last.gather(-1, task.wrong[:, None]))[:, 0]
 
 
+def resumed_logits(prefix, model, layer, share):
+    """Last-position logits of every row of `prefix`, resumed at `layer`, 32 rows per forward."""
+    with torch.no_grad():
+        return prefix.logits(model, layer, torch.arange(prefix.n_examples), "last", 32, share)
+
+
+def correct(task, last):
+    return (last.gather(-1, task.answer[:, None]) > last.gather(-1, task.wrong[:, None]))[:, 0]
+
+
 def timed(fn):
     start = time.perf_counter()
     value = fn()
@@ -74,7 +89,7 @@ def main():
     train_fill_s = time.perf_counter() - start
     saved = {name: p.detach().clone() for name, p in model.named_parameters() if name in mask}
 
-    rows = {"scoring": [], "training": []}
+    rows = {"scoring": [], "training": [], "shared": []}
     for _ in range(args.repeats):
         for name, p in model.named_parameters():
             if name in saved:
@@ -94,6 +109,9 @@ def main():
         s_old, (m_old, c_old) = timed(lambda: old_scores(model, heldout))
         s_new, (m_new, c_new) = timed(lambda: per_example(model, scorer.heldout, prefix=heldout_prefix, layer=layer))
         rows["scoring"].append((s_old, s_new, float((m_old - m_new).abs().max()), bool(torch.equal(c_old, c_new))))
+        whole, shared = (timed(lambda: resumed_logits(heldout_prefix, model, layer, share)) for share in (False, True))
+        rows["shared"].append((whole[0], shared[0], float((whole[1] - shared[1]).abs().max()),
+                               bool(torch.equal(correct(heldout, whole[1]), correct(heldout, shared[1])))))
 
     print("| step | old s | new s | new/old | max abs difference | agrees |")
     print("|---|---|---|---|---|---|")
@@ -107,6 +125,14 @@ def main():
               f"{'frozen entries equal' if what == 'training' else 'correctness equal'}: {agrees} |")
     print(f"\nOnce per comparison (shared by all its runs): the held-out prefix {fill_s:.2f} s, the training "
           f"prefix {train_fill_s:.2f} s.")
+
+    print(f"\nResumed held-out scoring from block {layer}, {heldout.n_examples} examples in rows of 32 "
+          f"({heldout_prefix.shared_positions} shared first positions):\n")
+    print("| rows run whole s | beginnings shared s | shared / whole | max abs logit difference | correctness equal |")
+    print("|---|---|---|---|---|")
+    whole, shared = min(r[0] for r in rows["shared"]), min(r[1] for r in rows["shared"])
+    print(f"| {whole:.2f} | {shared:.2f} | {shared / whole:.2f} | {max(r[2] for r in rows['shared']):.2e} | "
+          f"{all(r[3] for r in rows['shared'])} |")
 
     print("\nStacking k runs' rows in one forward (blocks from the lowest trained one, no gradients):\n")
     print("| rows per run | k | k forwards s | one forward of k x rows s | stacked / separate |")

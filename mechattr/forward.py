@@ -62,18 +62,20 @@ def _first_row(value: Any, n: int, name: str, heads: int) -> Any:
     return value
 
 
-def _fit(value: Any, rows: int, start: int, name: str) -> Any:
-    """A captured one-row block input expanded to `rows` rows and cut to positions `start`..."""
+def _fit(value: Any, rows: int, start: int, name: str, end: int | None = None) -> Any:
+    """A captured one-row block input expanded to `rows` rows and cut to positions `start`..`end` (None:
+    the last); keys are positions ..`end`, the earlier ones served from the cache."""
     if isinstance(value, tuple):
-        return tuple(_fit(v, rows, start, name) for v in value)
+        return tuple(_fit(v, rows, start, name, end) for v in value)
     if not torch.is_tensor(value) or value.dim() < 2:
         return value
     if name == "alibi":
-        # A bias per key position: keys keep every position (the prefix comes from the cache).
+        # A bias per key position: keys keep every position up to `end` (the prefix comes from the cache).
+        value = value[..., :end]
         return value.expand(rows, *value.shape[1:]).reshape(-1, *value.shape[2:])
-    if start:
-        # Position axis: -2 for the [1, 1, query, key] mask (keys keep every position), 1 otherwise.
-        value = value[..., start:, :] if name == "attention_mask" else value[:, start:]
+    if start or end is not None:
+        # Position axis: -2 for the [1, 1, query, key] mask (its key axis cut at `end`), 1 otherwise.
+        value = value[..., start:end, :end] if name == "attention_mask" else value[:, start:end]
     return value.expand(rows, *value.shape[1:])
 
 
@@ -207,17 +209,40 @@ class Forward:
         """Each row's last token index in `copies` stacked copies holding positions start.."""
         return None if self.last is None else self.last.repeat(copies) - start
 
-    def resume(self, resid: Float[Tensor, "rows pos d_model"], start_layer: int) -> Float[Tensor, "rows pos d_model"]:
+    def resume(self, resid: Float[Tensor, "rows pos_from d_model"], start_layer: int,
+               keys_values: list[tuple[Tensor, Tensor]] | None = None) -> Float[Tensor, "rows pos_from d_model"]:
         """The residual stream after the last block, from `resid` entering block `start_layer`: any rows of
-        this batch's length, with the block inputs `cache()` recorded. Gradients flow (training resumes
-        here); the blocks' own hooks fire."""
+        this batch's length, with the block inputs `cache()` recorded. With `keys_values` (per layer, each
+        row's keys and values of the positions before `resid`'s, as `prefix_keys_values` gives them),
+        `resid` holds the later positions only. Gradients flow (training resumes here); the blocks' own
+        hooks fire."""
         if not self.block_kwargs:
             raise ValueError("Forward.resume needs the block inputs of a recorded forward: call cache() first")
-        if resid.shape[1] != self.tokens.shape[1]:
-            raise ValueError(f"Forward.resume: the residual has {resid.shape[1]} positions, the recorded batch "
-                             f"{self.tokens.shape[1]}")
-        cache = self._prefix_cache(resid.shape[0], start_layer, 0, per_row=True) if self.keys_values else None
-        return self._blocks(resid, start_layer, 0, cache)
+        start_pos = 0 if keys_values is None else keys_values[-1][0].shape[-2]
+        if start_pos + resid.shape[1] != self.tokens.shape[1]:
+            raise ValueError(f"Forward.resume: the residual has {resid.shape[1]} positions after {start_pos} "
+                             f"cached ones, the recorded batch {self.tokens.shape[1]}")
+        if keys_values is None:
+            cache = self._prefix_cache(resid.shape[0], start_layer, 0, per_row=True) if self.keys_values else None
+            return self._blocks(resid, start_layer, 0, cache)
+        if not self.reuses_prefix:
+            raise ValueError("Forward.resume from a later position needs a model whose runs reuse a prefix "
+                             "(reuses_prefix)")
+        cache = _new_cache()
+        for layer, (keys, values) in enumerate(keys_values):
+            cache.update(keys, values, layer)
+        return self._blocks(resid, start_layer, start_pos, cache)
+
+    def prefix_keys_values(self, resid: Float[Tensor, "rows pos_to d_model"], start_layer: int
+                           ) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, the keys and values [rows, kv_heads, pos_to, d_head] of the positions `resid` holds (this
+        batch's first ones, entering block `start_layer`; layers below it: 0 positions), which `resume`
+        continues from."""
+        if not self.reuses_prefix:
+            raise ValueError("Forward.prefix_keys_values needs a model whose runs reuse a prefix (reuses_prefix)")
+        cache = self._prefix_cache(resid.shape[0], start_layer, 0, per_row=True)
+        self._blocks(resid, start_layer, 0, cache, end_pos=resid.shape[1])
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _resumed(self, copies: int, start_layer: int, resid: Tensor, start_pos: int) -> Tensor:
         x = resid[:, start_pos:].repeat(copies, 1, 1)  # (rows, P - start, d_model), fresh: hooks may edit
@@ -225,12 +250,13 @@ class Forward:
         x = self._blocks(x, start_layer, start_pos, cache)
         return last_logits(self.model, x, self._last(copies, start_pos)).float()
 
-    def _blocks(self, x: Tensor, start_layer: int, start_pos: int, cache: Any) -> Tensor:
-        """Blocks `start_layer`.. on x [rows, P - start_pos, d_model], the recorded block inputs fitted to them."""
+    def _blocks(self, x: Tensor, start_layer: int, start_pos: int, cache: Any, end_pos: int | None = None) -> Tensor:
+        """Blocks `start_layer`.. on x [rows, end_pos - start_pos, d_model] (end_pos None: P), the recorded
+        block inputs fitted to them."""
         rows = x.shape[0]
         with attention_reads_cache(self.model):
             for layer in range(start_layer, len(self.model.blocks)):
-                kwargs = {k: _fit(v, rows, start_pos, k) for k, v in self.block_kwargs[layer].items()}
+                kwargs = {k: _fit(v, rows, start_pos, k, end_pos) for k, v in self.block_kwargs[layer].items()}
                 if cache is not None:
                     kwargs[self._cache_name] = cache
                 out = self.model.blocks[layer](x, **kwargs)

@@ -1,5 +1,7 @@
 """Small random TL-native bridges and random-token tasks for tests, built offline."""
 
+from typing import Any
+
 import torch
 
 from mechattr.tasks import Task
@@ -40,3 +42,23 @@ def answered_task(seed: int, n: int = 12) -> Task:
     corrupt[:, 3] = torch.randint(0, 50, (n,), generator=g)
     return Task(clean, corrupt, answer=torch.randint(0, 50, (n,), generator=g),
                 wrong=torch.randint(0, 50, (n,), generator=g), name=f"random{seed}")
+
+
+def templated_task(seed: int = 0, vocab: int = 50) -> Task:
+    """12 prompts in 3 groups that share their first 5 tokens, then 1-4 tokens of their own (right-padded
+    with 0), with random answers."""
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.randint(1, vocab, (3, 5), generator=g)
+    lengths = torch.tensor([6, 9, 7, 8] * 3)
+    clean = torch.cat([heads.repeat_interleave(4, 0), torch.randint(1, vocab, (12, 4), generator=g)], 1)
+    for i, length in enumerate(lengths):
+        clean[i, length:] = 0
+    return Task(clean, clean.clone(), answer=torch.randint(0, vocab, (12,), generator=g),
+                wrong=torch.randint(0, vocab, (12,), generator=g), name="templated", lengths=lengths)
+
+
+def block_inputs(model, layer: int) -> tuple[list[tuple[int, int]], Any]:
+    """The (rows, positions) of every call of block `layer` from now on, and the hook handle to remove."""
+    shapes: list[tuple[int, int]] = []
+    handle = model.blocks[layer].register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[:2])))
+    return shapes, handle

@@ -14,12 +14,15 @@ import mechattr
 from mechattr import families
 from mechattr.causal import scoring
 from mechattr.edges import attribute_edges, patch_edges
+from mechattr.finetune.evaluation import logits
+from mechattr.finetune.prefix import Prefix
 from mechattr.forward import FastPathWarning, Forward, fast_path_verdict
 from mechattr.graph import Edge
 from mechattr.interventions import Denoise, Noise
 from mechattr.relevance import RelevanceError
 from mechattr.sites import KINDS, Site, available_kinds
 import tiny_families as tf
+from tests.bridges import block_inputs, templated_task
 
 ATOL = 1e-5
 NAMES = [name for name, family in families.FAMILIES.items() if family.boots]
@@ -130,6 +133,27 @@ def test_question_logits_equal_whole_prompts(family):
     assert _max_error(got, expected) <= ATOL * max(1.0, float(expected.abs().max())), name
     refused = [w for w in caught if issubclass(w.category, FastPathWarning)]
     assert (scoring._PACKING[model] is None) == (not refused), name
+
+
+def test_rows_that_begin_alike_score_as_each_row_alone(family):
+    """Held-out scoring from a block (`Prefix`), where rows share their first tokens: each beginning runs
+    once where the family reuses a prefix (or rows run whole, and a warning says why), and every row gets
+    the logits of its prompt run alone."""
+    name, entry, model = family
+    task = templated_task(vocab=256)
+    prefix = Prefix(task.clean, task.last).fill(model)
+    prefix.logits(model, 1, torch.arange(2))  # records the block inputs, so the hook below sees only the reads
+    shapes, handle = block_inputs(model, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = logits(model, task.clean, last=task.last, prefix=prefix, layer=1)
+    handle.remove()
+    with torch.no_grad():
+        expected = torch.stack([model(task.clean[i:i + 1, :int(task.lengths[i])])[0, -1]
+                                for i in range(task.n_examples)])
+    assert _max_error(got, expected) <= ATOL * max(1.0, float(expected.abs().max())), name
+    assert not [w for w in caught if issubclass(w.category, FastPathWarning)], name
+    assert ((3, 5) in shapes) == (entry.fast_path and entry.prefix), name  # the 3 beginnings ran once
 
 
 @pytest.mark.parametrize("receiver", [Site("q", 1, head=0), Site("k", 1, head=0), Site("v", 1, head=0),

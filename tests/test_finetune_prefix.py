@@ -3,12 +3,14 @@ numbers, prove themselves on the model at hand, and fall back (and say so) where
 
 import hashlib
 import inspect
+import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 
 import mechattr
+from mechattr import families
 from mechattr.finetune import Full, Text, TopSites, TrainConfig, masks, train
 from mechattr.finetune.data import loss
 from mechattr.finetune.evaluation import kl_from_base, log_probs, per_example, task_scores
@@ -17,8 +19,8 @@ from mechattr.finetune.methods import plain_model
 from mechattr.finetune.prefix import Prefix, first_block
 from mechattr.forward import FastPathWarning
 from mechattr.sites import Site
-from mechattr.tasks import Task
-from tests.bridges import answered_task, bridge
+from mechattr.tasks import Task, greater_than
+from tests.bridges import answered_task, block_inputs, bridge, templated_task
 
 LENGTHS = (7, 4, 6, 5, 7, 3)
 
@@ -76,6 +78,60 @@ def test_resumed_logits_equal_each_example_run_alone_at_every_block(model_name, 
                                atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny random Llama (Hugging Face architecture): its runs reuse a prefix's keys and values."""
+    return mechattr.load_model(str(families.build("llama", tmp_path_factory.mktemp("llama"))))
+
+
+@pytest.mark.parametrize("model_name", ["llama", "tiny"])
+def test_rows_that_begin_alike_run_their_beginning_once(model_name, request):
+    model, task = request.getfixturevalue(model_name), templated_task()
+    expected = by_hand(model, task)
+    prefix = Prefix(task.clean, task.last, batch=5).fill(model)
+    # Each of the 3 beginnings once and every row's other 4 positions: 3 * 5 + 12 * 4 of 12 * 9 positions.
+    assert prefix.shared_positions == 5
+    assert Prefix(ragged_task().clean, ragged_task().last).shared_positions == 0  # random prompts: nothing worth it
+    prefix.logits(model, 0, torch.arange(2))  # records the block inputs, so the hooks below see only the reads
+    for layer in range(len(model.blocks)):
+        shapes, handle = block_inputs(model, layer)
+        with torch.no_grad():
+            got = prefix.logits(model, layer, torch.arange(12), batch=8, share=True)
+        handle.remove()
+        # The native bridge passes no attention mask to its blocks, so nothing can start past position 0.
+        assert shapes == ([(3, 5), (8, 4), (4, 4)] if model_name == "llama" else [(8, 9), (4, 9)])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert prefix.check(model, layer, share=True) is None
+    shapes, handle = block_inputs(model, 1)
+    metric, correct = per_example(model, task, prefix=prefix, layer=1)  # scoring shares them
+    handle.remove()
+    assert ((3, 5) in shapes) == (model_name == "llama")
+    right = expected.gather(-1, task.answer[:, None]) > expected.gather(-1, task.wrong[:, None])
+    assert torch.equal(correct, right[:, 0])
+    torch.testing.assert_close(metric, task.metric(expected, task.answer, task.wrong, expected.log_softmax(-1)),
+                               atol=1e-5, rtol=0)
+
+
+def test_shared_beginnings_that_miss_fall_back_to_rows_run_whole(llama, monkeypatch):
+    from mechattr.forward import Forward
+
+    model, task = llama, templated_task(1)
+    expected = task_scores(model, task)
+    prefix = Prefix(task.clean, task.last).fill(model)
+    prefix.logits(model, 0, torch.arange(2))  # records the block inputs
+    keys_values = Forward.prefix_keys_values
+    monkeypatch.setattr(Forward, "prefix_keys_values",  # keys off by one: the shared path is wrong
+                        lambda self, resid, layer: [(k + 1, v) for k, v in keys_values(self, resid, layer)])
+    with pytest.warns(FastPathWarning, match="block 1, the rows' shared first 5 positions misses the model's own "
+                                             "last-position logits.*runs each row whole from the block instead"):
+        got = task_scores(model, task, prefix=prefix, layer=1)
+    assert got["accuracy"] == expected["accuracy"] and got["metric"] == pytest.approx(expected["metric"], abs=1e-6)
+    shapes, handle = block_inputs(model, 1)
+    task_scores(model, task, prefix=prefix, layer=1)  # the model no longer shares: rows run whole, unwarned
+    handle.remove()
+    assert shapes == [(12, 9)]
+
+
 def test_rows_are_computed_once_and_only_as_deep_as_asked():
     model, task = bridge(n_layers=3, seed=2), answered_task(0)
     runs = []
@@ -101,7 +157,7 @@ def test_a_changed_lower_block_is_caught_and_scoring_falls_back(tiny):
     prefix = Prefix(task.clean, task.last).fill(model)
     assert prefix.check(model, 1) is None
     checks, check = [], prefix.check
-    prefix.check = lambda m, layer: checks.append(layer) or check(m, layer)
+    prefix.check = lambda m, layer, share=False: checks.append(layer) or check(m, layer, share)
     params = dict(model.named_parameters())
     with torch.no_grad():
         assert prefix.usable(model, 1)
@@ -210,6 +266,16 @@ def test_smollm2_scores_and_steps_from_the_lowest_trained_block(smollm2_export, 
     prefix = Prefix(task.clean, task.last).fill(base)
     resumed = per_example(trained, task, prefix=prefix, layer=layer)
     full = per_example(trained, task)
+    torch.testing.assert_close(resumed[0], full[0], atol=1e-4, rtol=1e-5)
+    assert torch.equal(resumed[1], full[1])
+    # greater_than's prompts begin alike ("The war lasted from the year 17"): the shared path, proved, no warning.
+    numbers = greater_than(base, n=48, seed=0)
+    alike = Prefix(numbers.clean, numbers.last).fill(base)
+    assert alike.shared_positions > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathWarning)
+        resumed = per_example(trained, numbers, prefix=alike, layer=layer)
+    full = per_example(trained, numbers)
     torch.testing.assert_close(resumed[0], full[0], atol=1e-4, rtol=1e-5)
     assert torch.equal(resumed[1], full[1])
     # The training step's gradient from block 9 on equals the full forward's. (Final weights after Adam

@@ -28,16 +28,16 @@ def logits(model: Any, tokens: Int[Tensor, "n pos"], positions: Positions = "las
     if prefix is not None and not (prefix.tokens.shape == tokens.shape and torch.equal(prefix.tokens, tokens)):
         raise ValueError(f"the prefix holds another batch ({tuple(prefix.tokens.shape)} tokens) than the one "
                          f"scored ({tuple(tokens.shape)})")
-    resumed = prefix is not None and prefix.usable(model, layer)
-    out = []
+    share = positions == "last"  # rows that begin alike run their common beginning once (`Prefix.logits`)
+    resumed = prefix is not None and prefix.usable(model, layer, share)
     with torch.no_grad():
+        if resumed:
+            return prefix.logits(model, layer, torch.arange(tokens.shape[0]), positions, batch, share).float()
+        out = []
         for start in range(0, tokens.shape[0], batch):
             rows = torch.arange(start, min(start + batch, tokens.shape[0]))
-            if resumed:
-                out.append(prefix.logits(model, layer, rows, positions).float())
-            else:
-                ends = None if last is None else last[rows.to(last.device)]
-                out.append(full_logits(model, tokens[rows.to(tokens.device)], ends, positions).float())
+            ends = None if last is None else last[rows.to(last.device)]
+            out.append(full_logits(model, tokens[rows.to(tokens.device)], ends, positions).float())
     return torch.cat(out)
 
 

@@ -6,10 +6,16 @@ model's residual entering every block for the rows of one token batch (a task's 
 each row computed once, when first asked for; training and scoring then run blocks l.. only and
 unembed only the positions they read. The runs of a comparison share one `Prefix` per batch.
 
+Rows that begin alike (a templated task's prompts share their first tokens in a few patterns) share
+those positions too: asked to (`share=True`, as scoring does), and where it saves at least a fifth of
+the positions run, a last-position read runs each distinct beginning once per call and every row's
+remaining positions against its keys and values.
+
 Never silently wrong: `Prefix.check(model, layer)` runs the model at hand in full on the batch's first
-rows and compares its logits with the resumed path's. A caller uses the prefix only when they agree to
-`forward.TOLERANCE`, and otherwise runs full forwards and warns (`FastPathWarning`, naming the model and
-the miss).
+rows and compares its logits with the resumed path's (shared beginnings included). A caller uses the
+prefix only when they agree to `forward.TOLERANCE`, and otherwise runs full forwards and warns
+(`FastPathWarning`, naming the model and the miss); where only the shared beginnings miss, rows run
+whole from the block instead, with a warning.
 """
 
 import warnings
@@ -28,6 +34,7 @@ __all__ = ["Prefix", "first_block", "full_logits", "Positions"]
 
 Positions = Literal["last", "all"]  # which positions' logits a reader needs
 _CHECK_ROWS = 2  # rows the resumed path is checked on, per use
+_SHARE_AT_MOST = 0.8  # shared beginnings are used where they leave at most this fraction of positions to run
 
 
 def first_block(model: Any, masks: dict[str, Bool[Tensor, "..."]]) -> int | None:
@@ -132,6 +139,8 @@ class Prefix:
         self._resid: Tensor | None = None  # (layer, n, pos, d_model), allocated on first use
         self._depth = torch.full((tokens.shape[0],), -1)  # per row: the deepest block input stored
         self._forwards: "weakref.WeakKeyDictionary[Any, Forward]" = weakref.WeakKeyDictionary()
+        self._shared: int | None = None  # positions shared by rows that begin alike (0: none worth it)
+        self._unshared: "weakref.WeakSet[Any]" = weakref.WeakSet()  # models the shared path missed on
         self._warned: set[str] = set()
         self._verdicts: "weakref.WeakKeyDictionary[Any, dict[tuple, str | None]]" = weakref.WeakKeyDictionary()
 
@@ -174,40 +183,116 @@ class Prefix:
             self._forwards[model] = forward
         return self._forwards[model]
 
-    def logits(self, model: Any, layer: int, index: Int[Tensor, " rows"], positions: Positions = "last"
-               ) -> Float[Tensor, "rows *pos vocab"]:
+    @property
+    def shared_positions(self) -> int:
+        """How many first positions rows that begin alike share (0: sharing would save under a fifth of the
+        positions run): the count that runs the fewest positions, each distinct beginning once."""
+        if self._shared is None:
+            n, length = self.tokens.shape
+            most = length - 1 if self.last is None else int(self.last.min())  # each row's last token runs
+            cost, self._shared = n * length, 0
+            for shared in range(1, most + 1):
+                beginnings = len(torch.unique(self.tokens[:, :shared], dim=0))
+                if beginnings * shared + n * (length - shared) < cost:
+                    cost, self._shared = beginnings * shared + n * (length - shared), shared
+            if cost > _SHARE_AT_MOST * n * length:
+                self._shared = 0
+        return self._shared
+
+    def logits(self, model: Any, layer: int, index: Int[Tensor, " rows"], positions: Positions = "last",
+               batch: int | None = None, share: bool = False) -> Float[Tensor, "rows *pos vocab"]:
         """`model`'s logits at rows `index`, run from the base residual entering block `layer` (at each row's
-        last token, or at every position). Differentiable in `model`'s parameters."""
+        last token, or at every position), `batch` rows per forward (None: all). Differentiable in `model`'s
+        parameters. `share`: last positions run the rows' common beginnings once (`shared_positions`)."""
+        index = torch.as_tensor(index, dtype=torch.long)
         resid = self.resid(model, layer, index)
         forward = self._forward(model)
-        x = forward.resume(resid, layer) if layer < len(model.blocks) else resid.clone()
-        if positions == "all":
-            return final_logits(model, x)
-        index = torch.as_tensor(index, dtype=torch.long)
-        return last_logits(model, x, None if self.last is None else self.last[index.to(self.last.device)])
+        last = None if self.last is None else self.last[index.to(self.last.device)]
+        batch = batch or max(1, len(index))
+        if layer == len(model.blocks):
+            return final_logits(model, resid.clone()) if positions == "all" else last_logits(model, resid, last)
+        if positions == "last" and share and self._shares(model, forward):
+            return self._shared_logits(model, forward, layer, index, resid, batch)
+        out = []
+        for start in range(0, len(index), batch):
+            x = forward.resume(resid[start:start + batch], layer)
+            out.append(final_logits(model, x) if positions == "all" else
+                       last_logits(model, x, None if last is None else last[start:start + batch]))
+        return torch.cat(out)
 
-    def check(self, model: Any, layer: int) -> str | None:
+    def _shares(self, model: Any, forward: Forward) -> bool:
+        """Whether `model`'s reads asking to share beginnings do (where it is worth it and has not missed)."""
+        return self.shared_positions > 0 and forward.reuses_prefix and model not in self._unshared
+
+    def _shared_logits(self, model: Any, forward: Forward, layer: int, index: Tensor, resid: Tensor,
+                       batch: int) -> Tensor:
+        """Last-position logits with each distinct beginning of the rows run once (see `logits`)."""
+        shared = self.shared_positions
+        beginnings, group = torch.unique(self.tokens[index.to(self.tokens.device), :shared].cpu(), dim=0,
+                                         return_inverse=True)
+        # One row of each beginning carries it (all of them hold the base model's residual of the same tokens).
+        first = torch.full((len(beginnings),), len(index)).scatter_reduce(0, group, torch.arange(len(index)), "amin")
+        first, group = first.to(resid.device), group.to(resid.device)
+        parts = [forward.prefix_keys_values(resid[first[s:s + batch], :shared], layer)
+                 for s in range(0, len(first), batch)]
+        keys_values = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
+                       for i in range(len(parts[0]))]
+        last = None if self.last is None else self.last[index.to(self.last.device)] - shared
+        out = []
+        for start in range(0, len(index), batch):
+            rows = group[start:start + batch]
+            # Layers below `layer` hold no positions: the row count is all they need.
+            kv = [(k[rows], v[rows]) if i >= layer else (k[:1].expand(len(rows), -1, -1, -1),
+                                                        v[:1].expand(len(rows), -1, -1, -1))
+                  for i, (k, v) in enumerate(keys_values)]
+            x = forward.resume(resid[start:start + batch, shared:], layer, kv)
+            out.append(last_logits(model, x, None if last is None else last[start:start + batch]))
+        return torch.cat(out)
+
+    def check(self, model: Any, layer: int, share: bool = False) -> str | None:
         """None when the resumed path reproduces `model`'s own last-position logits on the first rows, run in
-        full; else what differed. A model whose blocks below `layer` differ from the base model's misses."""
+        full; else what differed. A model whose blocks below `layer` differ from the base model's misses.
+        With `share`, the path that shares beginnings (where `logits` would): where only it misses, the model
+        stops sharing them here (with a warning) and the check stands on the rows run whole."""
         rows = torch.arange(min(_CHECK_ROWS, self.n_examples))
         with torch.no_grad():
             last = None if self.last is None else self.last[rows.to(self.last.device)]
             expected = full_logits(model, self.tokens[rows.to(self.tokens.device)], last, "last").float()
+            tolerance = logit_tolerance(model, expected)
             try:  # only the shortcut: a model whose own forward fails says so itself
                 if not self._forward(model).resumable:
                     return "cannot resume its blocks (the resumed forward failed its proof on this model)"
-                got = self.logits(model, layer, rows).float()
+                if share and layer < len(model.blocks) and self._shares(model, self._forward(model)):
+                    problem = self._miss(model, layer, rows, expected, tolerance, True)
+                    if problem is None:
+                        return None
+                    self._unshared.add(model)
+                    warnings.warn(f"model {model_name(model)}: {problem}; mechattr runs each row whole from the "
+                                  "block instead", FastPathWarning, stacklevel=4)
+                return self._miss(model, layer, rows, expected, tolerance, False)
             except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
                 return f"from block {layer}, the resumed forward fails to run: {type(error).__name__}: {error}"
-        tolerance = logit_tolerance(model, expected)
+
+    def _miss(self, model: Any, layer: int, rows: Tensor, expected: Tensor, tolerance: float, share: bool
+              ) -> str | None:
+        """What the resumed logits of `rows` miss `expected` by, or None; a failure to run raises, except on
+        the shared path (whose failure is a miss)."""
+        what = f"the rows' shared first {self.shared_positions} positions" if share else "the base model's residual"
+        try:
+            got = self.logits(model, layer, rows, share=share).float()
+        except Exception as error:  # noqa: BLE001  (a shared path that cannot run: rows run whole)
+            if not share:
+                raise
+            return f"from block {layer}, {what} fail to run: {type(error).__name__}: {error}"
         error = float((got - expected).abs().max())
         if not error <= tolerance:
-            return (f"from block {layer}, the base model's residual misses the model's own last-position logits by "
+            return (f"from block {layer}, {what} misses the model's own last-position logits by "
                     f"{error:.3g} (tolerance {tolerance:.2g})")
         return None
 
-    def usable(self, model: Any, layer: int | None) -> bool:
-        """Whether `model` may run from block `layer` on this prefix (`check`); warns once per miss."""
+    def usable(self, model: Any, layer: int | None, share: bool = False) -> bool:
+        """Whether `model` may run from block `layer` on this prefix (`check`, with `share` as the reads will
+        use it); warns once per miss."""
         if layer is None:
             return False
         # A proof holds while the parameters it relies on, those outside blocks >= layer, are unchanged:
@@ -215,10 +300,10 @@ class Prefix:
         # (the trials of one comparison) are proved once.
         params = list(model.parameters())
         inside = {id(p) for block in model.blocks[layer:] for p in block.parameters()}
-        key = (layer, tuple(p._version for p in params if id(p) not in inside))
+        key = (layer, share, tuple(p._version for p in params if id(p) not in inside))
         verdicts = self._verdicts.setdefault(model, {})
         if key not in verdicts:
-            verdicts[key] = self.check(model, layer)
+            verdicts[key] = self.check(model, layer, share)
         problem = verdicts[key]
         if problem is not None and problem not in self._warned:
             self._warned.add(problem)
