@@ -92,6 +92,8 @@ def test_rows_that_begin_alike_run_their_beginning_once(model_name, request):
     # Each of the 3 beginnings once and every row's other 4 positions: 3 * 5 + 12 * 4 of 12 * 9 positions.
     assert prefix.shared_positions == 5
     assert Prefix(ragged_task().clean, ragged_task().last).shared_positions == 0  # random prompts: nothing worth it
+    for rows in (slice(0, 1), slice(0, 0)):  # one row, or none: nothing to share
+        assert Prefix(task.clean[rows], task.last[rows]).shared_positions == 0
     prefix.logits(model, 0, torch.arange(2))  # records the block inputs, so the hooks below see only the reads
     for layer in range(len(model.blocks)):
         shapes, handle = block_inputs(model, layer)

@@ -189,7 +189,8 @@ class Prefix:
         positions run): the count that runs the fewest positions, each distinct beginning once."""
         if self._shared is None:
             n, length = self.tokens.shape
-            most = length - 1 if self.last is None else int(self.last.min())  # each row's last token runs
+            # Each row's last token runs (and no rows share nothing).
+            most = 0 if n == 0 else length - 1 if self.last is None else int(self.last.min())
             cost, self._shared = n * length, 0
             for shared in range(1, most + 1):
                 beginnings = len(torch.unique(self.tokens[:, :shared], dim=0))
