@@ -205,18 +205,16 @@ class Prefix:
         """`model`'s logits at rows `index`, run from the base residual entering block `layer` (at each row's
         last token, or at every position), `batch` rows per forward (None: all). Differentiable in `model`'s
         parameters. `share`: last positions run the rows' common beginnings once (`shared_positions`)."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        resid = self.resid(model, layer, index)
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
         forward = self._forward(model)
-        last = None if self.last is None else self.last[index.to(self.last.device)]
+        last = None if self.last is None else self.last[index.to(self.last.device)].cpu()
         batch = batch or max(1, len(index))
-        if layer == len(model.blocks):
-            return final_logits(model, resid.clone()) if positions == "all" else last_logits(model, resid, last)
-        if positions == "last" and share and self._shares(model, forward):
-            return self._shared_logits(model, forward, layer, index, resid, batch)
+        if positions == "last" and share and layer < len(model.blocks) and self._shares(model, forward):
+            return self._shared_logits(model, forward, layer, index, last, batch)
         out = []
         for start in range(0, len(index), batch):
-            x = forward.resume(resid[start:start + batch], layer)
+            resid = self.resid(model, layer, index[start:start + batch])
+            x = forward.resume(resid, layer) if layer < len(model.blocks) else resid.clone()
             out.append(final_logits(model, x) if positions == "all" else
                        last_logits(model, x, None if last is None else last[start:start + batch]))
         return torch.cat(out)
@@ -225,30 +223,34 @@ class Prefix:
         """Whether `model`'s reads asking to share beginnings do (where it is worth it and has not missed)."""
         return self.shared_positions > 0 and forward.reuses_prefix and model not in self._unshared
 
-    def _shared_logits(self, model: Any, forward: Forward, layer: int, index: Tensor, resid: Tensor,
+    def _shared_logits(self, model: Any, forward: Forward, layer: int, index: Tensor, last: Tensor | None,
                        batch: int) -> Tensor:
-        """Last-position logits with each distinct beginning of the rows run once (see `logits`)."""
+        """Last-position logits with each distinct beginning of the rows run once (see `logits`). Rows run
+        grouped by beginning, so only the keys and values of the beginnings a batch of rows needs are held."""
         shared = self.shared_positions
-        beginnings, group = torch.unique(self.tokens[index.to(self.tokens.device), :shared].cpu(), dim=0,
-                                         return_inverse=True)
-        # One row of each beginning carries it (all of them hold the base model's residual of the same tokens).
-        first = torch.full((len(beginnings),), len(index)).scatter_reduce(0, group, torch.arange(len(index)), "amin")
-        first, group = first.to(resid.device), group.to(resid.device)
-        parts = [forward.prefix_keys_values(resid[first[s:s + batch], :shared], layer)
-                 for s in range(0, len(first), batch)]
-        keys_values = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
-                       for i in range(len(parts[0]))]
-        last = None if self.last is None else self.last[index.to(self.last.device)] - shared
-        out = []
-        for start in range(0, len(index), batch):
-            rows = group[start:start + batch]
-            # Layers below `layer` hold no positions: the row count is all they need.
-            kv = [(k[rows], v[rows]) if i >= layer else (k[:1].expand(len(rows), -1, -1, -1),
-                                                        v[:1].expand(len(rows), -1, -1, -1))
-                  for i, (k, v) in enumerate(keys_values)]
-            x = forward.resume(resid[start:start + batch, shared:], layer, kv)
-            out.append(last_logits(model, x, None if last is None else last[start:start + batch]))
-        return torch.cat(out)
+        _, group = torch.unique(self.tokens[index.to(self.tokens.device), :shared].cpu(), dim=0, return_inverse=True)
+        order = torch.argsort(group, stable=True)
+        held, keys_values, out = torch.empty(0, dtype=torch.long), None, []
+        for start in range(0, len(order), batch):
+            rows = order[start:start + batch]  # positions in `index`
+            needed = group[rows].unique()
+            new = needed[~torch.isin(needed, held)]
+            # Each new beginning is run from its first row (every row of it holds the base model's residual of
+            # the same tokens); `held` stays sorted, as the rows are.
+            if len(new):
+                firsts = rows[(group[rows][:, None] == new[None]).int().argmax(0)]
+                fresh = forward.prefix_keys_values(self.resid(model, layer, index[firsts])[:, :shared], layer)
+                keep = torch.isin(held, needed)
+                on = fresh[0][0].device
+                keys_values = fresh if keys_values is None else [
+                    (torch.cat([k[keep.to(on)], k2]), torch.cat([v[keep.to(on)], v2]))
+                    for (k, v), (k2, v2) in zip(keys_values, fresh)]
+                held = torch.cat([held[keep], new])
+            at = torch.searchsorted(held, group[rows]).to(keys_values[0][0].device)
+            x = forward.resume(self.resid(model, layer, index[rows])[:, shared:], layer,
+                               [(k[at], v[at]) for k, v in keys_values])
+            out.append(last_logits(model, x, None if last is None else last[rows] - shared))
+        return torch.cat(out)[torch.argsort(order).to(out[0].device)]
 
     def check(self, model: Any, layer: int, share: bool = False) -> str | None:
         """None when the resumed path reproduces `model`'s own last-position logits on the first rows, run in
