@@ -192,8 +192,14 @@ class Prefix:
             # Each row's last token runs (and no rows share nothing).
             most = 0 if n == 0 else length - 1 if self.last is None else int(self.last.min())
             cost, self._shared = n * length, 0
+            group = torch.zeros(n, dtype=torch.long)  # each row's beginning so far, as a number
             for shared in range(1, most + 1):
-                beginnings = len(torch.unique(self.tokens[:, :shared], dim=0))
+                # A beginning one token longer is a (beginning, next token) pair: one pass over the rows each.
+                pairs = torch.stack([group, self.tokens[:, shared - 1].cpu()], 1)
+                _, group = torch.unique(pairs, dim=0, return_inverse=True)
+                beginnings = int(group.max()) + 1
+                if beginnings == n:
+                    break  # every row alone: longer beginnings only cost more
                 if beginnings * shared + n * (length - shared) < cost:
                     cost, self._shared = beginnings * shared + n * (length - shared), shared
             if cost > _SHARE_AT_MOST * n * length:
