@@ -32,7 +32,7 @@ from mechattr.models import is_bridge, model_name
 from mechattr.sites import hook_name
 
 __all__ = ["Forward", "attention_reads_cache", "at_last", "last_logits", "final_logits", "fast_path_verdict",
-           "FastPathWarning", "TOLERANCE", "logit_tolerance"]
+           "FastPathWarning", "TOLERANCE", "logit_miss"]
 
 # Names decoder layers give their key/value cache: transformers 5 `cache`, older code `past_key_values`,
 # GPT-NeoX, Bloom and Falcon `layer_past`.
@@ -302,10 +302,13 @@ def final_logits(model: Any, resid: Float[Tensor, "rows pos d_model"]) -> Float[
     return transform(logits) if callable(transform) else logits
 
 
-def logit_tolerance(model: Any, expected: Float[Tensor, "..."]) -> float:
-    """The largest |shortcut - full forward| logit error accepted on `model`: `TOLERANCE` of its weight
-    dtype, relative to the largest |expected| logit (at least 1)."""
-    return max(1.0, float(expected.abs().max())) * TOLERANCE.get(next(model.parameters()).dtype, 1e-5)
+def logit_miss(model: Any, got: Float[Tensor, "..."], expected: Float[Tensor, "..."]) -> str | None:
+    """None when a shortcut's logits `got` match the full forward's `expected` on `model`, else "by <error>
+    (tolerance <t>)". Accepted: |got - expected| within `TOLERANCE` of the weight dtype, relative to the
+    largest |expected| logit (at least 1)."""
+    tolerance = max(1.0, float(expected.abs().max())) * TOLERANCE.get(next(model.parameters()).dtype, 1e-5)
+    error = float((got.float() - expected.float()).abs().max())
+    return None if error <= tolerance else f"by {error:.3g} (tolerance {tolerance:.2g})"
 
 
 def _new_cache() -> Any:
@@ -326,15 +329,14 @@ def _prove(model: Any, tokens: Int[Tensor, "n pos"], last: Int[Tensor, " n"] | N
         expected, resid = probe._record({hook_name("resid_pre", layer) for layer in layers})
         starts = sorted({0, n_pos // 2, n_pos - 1}) if probe.reuses_prefix else [0]
         expected = expected.repeat(2, 1)  # (2 * n, vocab)
-        tolerance = logit_tolerance(model, expected)
         for layer in layers:
             for start in starts:
                 with torch.no_grad():
                     got = probe._resumed(2, layer, resid[hook_name("resid_pre", layer)], start)
-                error = float((got - expected).abs().max())
-                if not error <= tolerance:
-                    return (f"from block {layer}, position {start}, misses the full forward's last-position logits "
-                            f"by {error:.3g} (tolerance {tolerance:.2g})")
+                miss = logit_miss(model, got, expected)
+                if miss is not None:
+                    return (f"from block {layer}, position {start}, misses the full forward's last-position "
+                            f"logits {miss}")
     except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
         return f"fails to run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return None

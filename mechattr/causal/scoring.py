@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechattr.forward import FastPathWarning, attention_reads_cache, final_logits, logit_tolerance
+from mechattr.forward import FastPathWarning, attention_reads_cache, final_logits, logit_miss
 from mechattr.models import model_name
 from mechattr.sites import hook_name
 from mechattr.tasks import single_token
@@ -136,11 +136,8 @@ def _prove_packing(model: Any, context: Tensor, cache: Any, asked: Sequence[tupl
         expected = torch.cat([model(torch.cat([context[0], s, e])[None])[:, -1] for s, e in probe])
     except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
         return f"fails to run: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    tolerance = logit_tolerance(model, expected)
-    error = float((got - expected).abs().max())
-    if not error <= tolerance:
-        return f"misses whole-prompt logits by {error:.3g} (tolerance {tolerance:.2g})"
-    return None
+    miss = logit_miss(model, got, expected)
+    return None if miss is None else f"misses whole-prompt logits {miss}"
 
 
 def question_logits(model: Any, context: Int[Tensor, "1 ctx"], asked: Sequence[tuple[Tensor, Tensor]],

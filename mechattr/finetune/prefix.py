@@ -13,7 +13,7 @@ remaining positions against its keys and values.
 
 Never silently wrong: `Prefix.check(model, layer)` runs the model at hand in full on the batch's first
 rows and compares its logits with the resumed path's (shared beginnings included). A caller uses the
-prefix only when they agree to `forward.TOLERANCE`, and otherwise runs full forwards and warns
+prefix only when they agree (`forward.logit_miss`), and otherwise runs full forwards and warns
 (`FastPathWarning`, naming the model and the miss); where only the shared beginnings miss, rows run
 whole from the block instead, with a warning.
 """
@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechattr.forward import FastPathWarning, Forward, at_last, final_logits, last_logits, logit_tolerance
+from mechattr.forward import FastPathWarning, Forward, at_last, final_logits, last_logits, logit_miss
 from mechattr.models import is_bridge, model_name
 from mechattr.sites import hook_name
 
@@ -267,23 +267,21 @@ class Prefix:
         with torch.no_grad():
             last = None if self.last is None else self.last[rows.to(self.last.device)]
             expected = full_logits(model, self.tokens[rows.to(self.tokens.device)], last, "last").float()
-            tolerance = logit_tolerance(model, expected)
             try:  # only the shortcut: a model whose own forward fails says so itself
                 if not self._forward(model).resumable:
                     return "cannot resume its blocks (the resumed forward failed its proof on this model)"
                 if share and layer < len(model.blocks) and self._shares(model, self._forward(model)):
-                    problem = self._miss(model, layer, rows, expected, tolerance, True)
+                    problem = self._miss(model, layer, rows, expected, True)
                     if problem is None:
                         return None
                     self._unshared.add(model)
                     warnings.warn(f"model {model_name(model)}: {problem}; mechattr runs each row whole from the "
                                   "block instead", FastPathWarning, stacklevel=4)
-                return self._miss(model, layer, rows, expected, tolerance, False)
+                return self._miss(model, layer, rows, expected, False)
             except Exception as error:  # noqa: BLE001  (any failure of the shortcut means: use the exact path)
                 return f"from block {layer}, the resumed forward fails to run: {type(error).__name__}: {error}"
 
-    def _miss(self, model: Any, layer: int, rows: Tensor, expected: Tensor, tolerance: float, share: bool
-              ) -> str | None:
+    def _miss(self, model: Any, layer: int, rows: Tensor, expected: Tensor, share: bool) -> str | None:
         """What the resumed logits of `rows` miss `expected` by, or None; a failure to run raises, except on
         the shared path (whose failure is a miss)."""
         what = f"the rows' shared first {self.shared_positions} positions" if share else "the base model's residual"
@@ -293,11 +291,10 @@ class Prefix:
             if not share:
                 raise
             return f"from block {layer}, {what} fail to run: {type(error).__name__}: {error}"
-        error = float((got - expected).abs().max())
-        if not error <= tolerance:
-            return (f"from block {layer}, {what} misses the model's own last-position logits by "
-                    f"{error:.3g} (tolerance {tolerance:.2g})")
-        return None
+        miss = logit_miss(model, got, expected)
+        if miss is None:
+            return None
+        return f"from block {layer}, {what} misses the model's own last-position logits {miss}"
 
     def usable(self, model: Any, layer: int | None, share: bool = False) -> bool:
         """Whether `model` may run from block `layer` on this prefix (`check`, with `share` as the reads will
