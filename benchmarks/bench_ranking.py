@@ -2,9 +2,8 @@
 (SmolLM2, greater_than, one process, interleaved over `--repeats`).
 
 `rank_units` ranks the 270 heads by AtP on the ranking examples and by exact patching on all of them or
-only on the first `--exact` (`exact_examples`). Printed: each side's time and their ratio, each side's
-exact top `--top` heads, and whether the random heads of the curves (drawn from AtP's ranking) are the
-same on both sides, for `--seeds` draws.
+only on the first `--exact` (`exact_examples`). Printed: each side's time and their ratio, and each
+side's exact top `--top` heads.
 
     python benchmarks/bench_ranking.py [--examples 32] [--exact 8] [--top 3] [--repeats 2]
 """
@@ -12,8 +11,6 @@ same on both sides, for `--seeds` draws.
 import argparse
 import time
 
-from mechattr.finetune.masks import n_trained
-from mechattr.finetune.methods import RandomSites, TopSites
 from mechattr.finetune.ranking import rank_units
 from mechattr.models import load_model
 from mechattr.tasks.registry import train_heldout
@@ -24,7 +21,6 @@ def main():
     parser.add_argument("--examples", type=int, default=32, help="ranking examples (AtP; exact patching: all)")
     parser.add_argument("--exact", type=int, default=8, help="the first N that exact patching ranks on instead")
     parser.add_argument("--top", type=int, default=3, help="exact top heads printed per side")
-    parser.add_argument("--seeds", type=int, default=10, help="random draws compared between the sides")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
@@ -44,11 +40,6 @@ def main():
         top = ", ".join(str(site) for site, _ in rankings[exact]["exact"].top(args.top))
         print(f"| {label} | {min(seconds[exact]):.1f} | {top} |")
     print(f"\nfewer / all: {fewer / full:.2f}")
-    target = n_trained(TopSites(rankings[None]["exact"], k=1).build(model, 0, None).masks)
-    same = sum(RandomSites(rankings[None]["atp"]).build(model, seed, target).sites ==
-               RandomSites(rankings[args.exact]["atp"]).build(model, seed, target).sites for seed in range(args.seeds))
-    print(f"random heads the same on both sides: {same} of {args.seeds} draws (AtP ranks on all "
-          f"{ranked.n_examples} either way)")
 
 
 if __name__ == "__main__":

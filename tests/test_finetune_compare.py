@@ -1,6 +1,7 @@
 """Baselines and the comparison table, on the small native model (LoRA through peft included)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,13 +35,25 @@ def test_random_sites_are_the_shortest_shuffled_prefix_nearest_the_target(neuron
     import random
 
     model, effects = neuron_effects
-    pool = list(select(effects, top_k=len(effects.sites), significant_only=False).sites)
+    pool = list(effects.sites)  # grid order
     random.Random(7).shuffle(pool)  # RandomSites' draw for seed 7
     count = lambda j: n_trained(masks(model, pool[:j]))  # noqa: E731
     j = len(pool) if count(len(pool)) < target else next(j for j in range(1, len(pool) + 1) if count(j) >= target)
     if j > 1 and abs(count(j - 1) - target) <= abs(count(j) - target):
         j -= 1
     assert RandomSites(effects).build(model, 7, target).sites.sites == tuple(pool[:j])
+
+
+def test_random_sites_do_not_read_the_estimates(neuron_effects):
+    """A ranking orders near-equal estimates by their rounding, which changes with the thread count: the draw
+    depends on the grid and the seed only, so estimates in the reverse order draw the same sites."""
+    model, effects = neuron_effects
+    values = effects.per_example.flatten(0, -2).flip(0).reshape(effects.per_example.shape)
+    reversed_ = replace(effects, values=values.mean(-1), per_example=values)
+    assert [s for s, _ in reversed_.top(3)] != [s for s, _ in effects.top(3)]
+    for seed in (0, 7):
+        drawn = [RandomSites(e).build(model, seed, 2500).sites for e in (effects, reversed_)]
+        assert drawn[0] == drawn[1]
 
 def test_plain_model_computes_the_bridge_logits():
     model = mechattr.native_model()

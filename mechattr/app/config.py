@@ -61,7 +61,7 @@ class RunConfig:
     curve_rank_examples: int = 32  # training examples the sites are ranked on (AtP)
     # The first of those that exact patching ranks on (None: all; `full`). Exact patching costs a forward
     # per head and example: on 8 it takes 0.27-0.30 of the time on 32 and chooses the same head, L6 H0
-    # (benchmarks/bench_ranking.py); random sites come from AtP's ranking either way.
+    # (benchmarks/bench_ranking.py); random sites depend on no ranking.
     curve_exact_examples: int | None = 8
     curve_heldout: int | None = None  # held-out examples scored (None: the whole held-out split)
     curve_others: int = 100  # most examples scored of each other task (collateral accuracy; IOI has 64)

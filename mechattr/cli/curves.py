@@ -42,8 +42,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch-size", type=int, default=plan.config.batch_size, help="examples per step")
     c.add_argument("--rank-examples", type=int, default=32, help="training examples the sites are ranked on")
     c.add_argument("--exact-examples", type=int, default=None,
-                   help="of those, the first N that exact patching ranks on (default: all); AtP ranks on all, so "
-                        "random sites, drawn from its ranking, do not change with N")
+                   help="of those, the first N that exact patching ranks on (default: all); AtP ranks on all, and "
+                        "random sites, drawn from the whole grid, read no ranking")
     c.add_argument("--heldout-examples", type=int, default=None, help="held-out examples scored (default: all)")
     c.add_argument("--shortlist", type=int, default=None,
                    help="neurons ranked exactly: AtP's top N (default: 2 x the largest neuron budget); a part run "

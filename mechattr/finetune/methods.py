@@ -118,7 +118,8 @@ class BottomSites(Method):
 @dataclass(frozen=True, eq=False)
 class RandomSites(Method):
     """Random sites from the same grids, drawn (seeded) until the trained-parameter count is closest to
-    the target."""
+    the target. The draw depends on the grids' sites and the seed only, never on the effects: a ranking
+    orders near-equal estimates by their rounding, which changes with the thread count and the hardware."""
 
     name: ClassVar[str] = "random"
     effects: Effects | list[Effects]
@@ -130,7 +131,8 @@ class RandomSites(Method):
         return cls(effects, kv=kv, **settings)  # matches the trained-parameter count, not the number of sites
 
     def build(self, model, seed, target):
-        pool = list(_ranked(self.effects).sites)
+        pool = [site for grid in ([self.effects] if isinstance(self.effects, Effects) else self.effects)
+                for site in grid.sites]  # grid order
         random.Random(seed).shuffle(pool)
         # Monotone in j; cached: the search and the final nearest-of-two choice ask for some prefixes twice.
         count = functools.cache(lambda j: n_trained(masks(model, pool[:j], self.kv)))

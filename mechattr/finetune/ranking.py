@@ -40,7 +40,7 @@ def rank_units(model: Any, task: Task, heads: Sequence[int], neurons: bool = Tru
 
     Exact patching costs a forward per unit and example, AtP a few forwards per example in all:
     `exact_examples` patches only the first that many examples of `task` (None: all of them), while AtP
-    ranks on every example, so random sites, drawn from AtP's ranking, are the same either way.
+    ranks on every example (random sites, drawn from the grid, read no ranking).
     """
     if exact_examples is not None and exact_examples < 1:
         raise ValueError(f"rank_units: exact_examples is a positive number of examples or None (all), "
