@@ -56,7 +56,9 @@ def _units(site: Site, shape: dict[str, int], kv: str) -> list[Unit]:
 def _mark(out: dict[str, Tensor], params: dict[str, Tensor], name: str, axis: int | None,
           start: int = 0, width: int = 0) -> None:
     """Set entries [start, start + width) along `axis` (all entries when axis is None) of param `name`."""
-    mask = out.setdefault(name, torch.zeros(params[name].shape, dtype=torch.bool, device=params[name].device))
+    mask = out.get(name)
+    if mask is None:  # not setdefault: its default would allocate a parameter-sized mask on every call
+        mask = out[name] = torch.zeros(params[name].shape, dtype=torch.bool, device=params[name].device)
     if axis is None:
         mask.fill_(True)
     else:
@@ -149,4 +151,4 @@ def union(*mask_sets: dict[str, Tensor]) -> dict[str, Bool[Tensor, "..."]]:
 
 def n_trained(mask_set: dict[str, Tensor]) -> int:
     """Number of parameter entries the masks select."""
-    return int(sum(int(m.sum()) for m in mask_set.values()))
+    return int(sum(int(m.count_nonzero()) for m in mask_set.values()))
