@@ -60,9 +60,13 @@ class Method:
         return cls(**settings)
 
 
+def _grids(effects: Effects | list[Effects]) -> list[Effects]:
+    return [effects] if isinstance(effects, Effects) else list(effects)
+
+
 def _ranked(effects: Effects | list[Effects]) -> SiteSet:
     """Every site of the grids, by decreasing |effect| (no significance filter)."""
-    grids = [effects] if isinstance(effects, Effects) else effects
+    grids = _grids(effects)
     return select(grids, top_k=sum(len(e.sites) for e in grids), significant_only=False)
 
 
@@ -131,8 +135,7 @@ class RandomSites(Method):
         return cls(effects, kv=kv, **settings)  # matches the trained-parameter count, not the number of sites
 
     def build(self, model, seed, target):
-        pool = [site for grid in ([self.effects] if isinstance(self.effects, Effects) else self.effects)
-                for site in grid.sites]  # grid order
+        pool = [site for grid in _grids(self.effects) for site in grid.sites]  # grid order
         random.Random(seed).shuffle(pool)
         # Monotone in j; cached: the search and the final nearest-of-two choice ask for some prefixes twice.
         count = functools.cache(lambda j: n_trained(masks(model, pool[:j], self.kv)))
